@@ -3,4 +3,18 @@
 //! local training loop of one lease, the delta codec, aggregation math, evaluation and
 //! generation.
 
+pub mod aggregate;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod delta;
+pub mod device;
+pub mod error;
+pub mod eval;
+pub mod generate;
+pub mod gpt2;
+pub mod llama;
+pub mod lora;
+pub mod model;
 pub mod tensors;
+pub mod train;

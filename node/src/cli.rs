@@ -1,0 +1,115 @@
+//! The command line: every subcommand and flag, with help a newcomer understands.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use swarmtune_trainer::device::DeviceKind;
+
+/// Fine-tune open language models together: volunteers lend their CPUs and GPUs to train LoRA
+/// modules, and anyone can pull the result.
+#[derive(Parser, Debug)]
+#[command(name = "swarmtune", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check a checkpoint against a reference: write its logits or LoRA gradients.
+    #[command(subcommand)]
+    Inspect(InspectCommand),
+    /// Generate text from a model, optionally with a LoRA adapter, streamed to the terminal.
+    Generate(GenerateArgs),
+}
+
+/// `swarmtune inspect ...`
+#[derive(Subcommand, Debug)]
+pub enum InspectCommand {
+    /// Write the logits of a model (optionally with an adapter) for given token ids.
+    Logits(InspectLogitsArgs),
+    /// Write the gradient of every LoRA tensor of the mean next-token cross-entropy, and the loss.
+    Grads(InspectGradsArgs),
+}
+
+/// Where the math runs.
+#[derive(Args, Debug, Clone)]
+pub struct ComputeArgs {
+    /// Compute backend: cpu (burn-flex), ndarray (burn-ndarray) or gpu (needs the gpu feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceKind,
+    /// CPU threads for the math (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// `swarmtune inspect logits`
+#[derive(Args, Debug)]
+pub struct InspectLogitsArgs {
+    /// Hugging Face model directory (config.json, model.safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// safetensors file holding `input_ids`, I64 [batch, seq].
+    #[arg(long)]
+    pub ids: PathBuf,
+    /// Output safetensors file; gets `logits`, F32 [batch, seq, vocab].
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// `swarmtune inspect grads`
+#[derive(Args, Debug)]
+pub struct InspectGradsArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter directory.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// safetensors file holding `input_ids`, I64 [batch, seq].
+    #[arg(long)]
+    pub ids: PathBuf,
+    /// Output safetensors file; gets each LoRA tensor's gradient under its PEFT name and `loss` F32 [1].
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// `swarmtune generate`
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Hugging Face model directory (with tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter directory.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The text to continue.
+    #[arg(long)]
+    pub prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 always picks the most likely token.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only among the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities add up to p.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}

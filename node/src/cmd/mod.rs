@@ -1,0 +1,15 @@
+//! One module per subcommand; `run` dispatches.
+
+mod generate;
+mod inspect;
+
+use crate::cli::{Cli, Command, InspectCommand};
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inspect(InspectCommand::Logits(args)) => inspect::logits(args),
+        Command::Inspect(InspectCommand::Grads(args)) => inspect::grads(args),
+        Command::Generate(args) => generate::run(args),
+    }
+}

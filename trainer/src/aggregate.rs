@@ -1,0 +1,375 @@
+//! Aggregation math for a round's merge: combining the verified deltas (pseudo-gradients) of
+//! many volunteers into one, robustly enough that a minority of bad deltas cannot steer it, and
+//! the DiLoCo outer step that applies the result to the module with Nesterov momentum.
+//!
+//! Every loop runs in canonical order (tensor names, then values, then deltas in the order
+//! given) with `f64` accumulation, so the same deltas in the same order give the same bits on
+//! every machine. Callers that want order independence pass deltas in a canonical order (for
+//! example by lease id).
+
+use crate::tensors::{HostTensor, NamedTensors, same_layout};
+
+/// One volunteer's delta and the number of tokens it was trained on (its weight).
+#[derive(Clone, Copy, Debug)]
+pub struct WeightedDelta<'a> {
+    /// The pseudo-gradient, `start − end` of the LoRA tensors.
+    pub delta: &'a NamedTensors,
+    /// Tokens trained on; must be positive.
+    pub tokens: u64,
+}
+
+/// Why deltas could not be aggregated or an outer step taken.
+#[derive(thiserror::Error, Debug, PartialEq)]
+pub enum AggregateError {
+    /// Nothing to aggregate.
+    #[error("no deltas to aggregate")]
+    Empty,
+    /// A delta's names or shapes differ from the first delta's.
+    #[error("delta {index} does not have the tensor names and shapes of delta 0")]
+    Layout {
+        /// Position of the offending delta.
+        index: usize,
+    },
+    /// A delta claims zero tokens, so it has no weight.
+    #[error("delta {index} was trained on zero tokens")]
+    ZeroTokens {
+        /// Position of the offending delta.
+        index: usize,
+    },
+    /// A trim fraction outside `[0, 0.5)`.
+    #[error("trim fraction {0} is not in [0, 0.5)")]
+    InvalidTrim(f32),
+    /// A clipping radius that is not positive and finite.
+    #[error("clipping radius tau {0} is not positive and finite")]
+    InvalidTau(f64),
+    /// Outer learning rate or momentum out of range.
+    #[error(
+        "outer optimizer needs a finite lr > 0 and momentum in [0, 1), got lr {lr}, momentum {momentum}"
+    )]
+    InvalidHyperparameters {
+        /// The learning rate given.
+        lr: f32,
+        /// The momentum given.
+        momentum: f32,
+    },
+    /// Params, pseudo-gradient and momentum buffer do not share names and shapes.
+    #[error("{0} does not have the tensor names and shapes of the params")]
+    OuterLayout(&'static str),
+}
+
+/// How a round's deltas are combined.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AggregationRule {
+    /// Token-weighted mean: efficient, not robust.
+    Mean,
+    /// Coordinate-wise trimmed mean (see [`trimmed_mean`]).
+    TrimmedMean {
+        /// Share of deltas dropped at each end of every coordinate, in `[0, 0.5)`.
+        trim_fraction: f32,
+    },
+    /// Centered clipping around the coordinate-wise median (see [`centered_clipping`]).
+    CenteredClipping {
+        /// Clipping radius, in the units of the delta's Euclidean norm.
+        tau: f64,
+        /// Number of clipping iterations; 1 to 3 is typical.
+        iterations: usize,
+    },
+}
+
+/// Aggregates with `rule`; centered clipping starts from the coordinate-wise median.
+pub fn aggregate(
+    rule: AggregationRule,
+    deltas: &[WeightedDelta],
+) -> Result<NamedTensors, AggregateError> {
+    match rule {
+        AggregationRule::Mean => token_weighted_mean(deltas),
+        AggregationRule::TrimmedMean { trim_fraction } => trimmed_mean(deltas, trim_fraction),
+        AggregationRule::CenteredClipping { tau, iterations } => {
+            let center = coordinate_median(deltas)?;
+            centered_clipping(deltas, &center, tau, iterations)
+        }
+    }
+}
+
+/// The mean of the deltas, each weighted by its share of the tokens.
+pub fn token_weighted_mean(deltas: &[WeightedDelta]) -> Result<NamedTensors, AggregateError> {
+    let weights = normalized_weights(deltas)?;
+    Ok(map_coordinates(deltas, |column| {
+        column
+            .iter()
+            .zip(&weights)
+            .map(|(&x, &w)| w * f64::from(x))
+            .sum()
+    }))
+}
+
+/// Coordinate-wise trimmed mean. For each value position, the `floor(trim_fraction · n)`
+/// smallest and as many largest values are dropped (ties in delta order) and the rest are
+/// averaged weighted by their tokens. Since the fraction is below 0.5 at least one value
+/// survives; trim 0 is the token-weighted mean.
+pub fn trimmed_mean(
+    deltas: &[WeightedDelta],
+    trim_fraction: f32,
+) -> Result<NamedTensors, AggregateError> {
+    if !(0.0..0.5).contains(&trim_fraction) {
+        return Err(AggregateError::InvalidTrim(trim_fraction));
+    }
+    let weights = normalized_weights(deltas)?;
+    let n = deltas.len();
+    // Shrunk by a relative 2^-23 so that an f32 fraction stored just below its decimal value
+    // (0.35 is 0.34999999) still drops 7 of 20.
+    let trim =
+        (f64::from(trim_fraction) * n as f64 * (1.0 + f64::from(f32::EPSILON))).floor() as usize;
+    let trim = trim.min(n.saturating_sub(1) / 2);
+    let mut order: Vec<usize> = (0..n).collect();
+    Ok(map_coordinates(deltas, |column| {
+        order.sort_by(|&a, &b| column[a].total_cmp(&column[b]).then(a.cmp(&b)));
+        let survivors = &order[trim..n - trim];
+        let weight: f64 = survivors.iter().map(|&i| weights[i]).sum();
+        survivors
+            .iter()
+            .map(|&i| weights[i] * f64::from(column[i]))
+            .sum::<f64>()
+            / weight
+    }))
+}
+
+/// Coordinate-wise median, unweighted so a delta cannot pull it by claiming many tokens; with
+/// an even count it is the midpoint of the two middle values. A robust center for clipping.
+pub fn coordinate_median(deltas: &[WeightedDelta]) -> Result<NamedTensors, AggregateError> {
+    check_layout(deltas)?;
+    let n = deltas.len();
+    let mut sorted = Vec::with_capacity(n);
+    Ok(map_coordinates(deltas, |column| {
+        sorted.clear();
+        sorted.extend_from_slice(column);
+        sorted.sort_by(f32::total_cmp);
+        let upper = f64::from(sorted[n / 2]);
+        if n % 2 == 1 {
+            upper
+        } else {
+            (f64::from(sorted[n / 2 - 1]) + upper) / 2.0
+        }
+    }))
+}
+
+/// Centered clipping (Karimireddy, He and Jaggi, 2021): starting from `center`, repeat
+/// `v ← v + Σ w_i · clip(x_i − v, tau)`, where `clip` scales the whole difference (all
+/// tensors together) down to norm `tau` when it is longer and `w_i` are token shares. A delta
+/// can move the result by at most `w_i · tau` per iteration, however large it is.
+pub fn centered_clipping(
+    deltas: &[WeightedDelta],
+    center: &NamedTensors,
+    tau: f64,
+    iterations: usize,
+) -> Result<NamedTensors, AggregateError> {
+    if !(tau.is_finite() && tau > 0.0) {
+        return Err(AggregateError::InvalidTau(tau));
+    }
+    let weights = normalized_weights(deltas)?;
+    if !matches_layout(center, deltas[0].delta) {
+        return Err(AggregateError::OuterLayout("the clipping center"));
+    }
+    let mut v = center.clone();
+    for _ in 0..iterations {
+        // Each delta's step weight: its token share times its clipping factor.
+        let step_weights: Vec<f64> = deltas
+            .iter()
+            .zip(&weights)
+            .map(|(d, &w)| {
+                let distance = squared_distance(d.delta, &v).sqrt();
+                if distance > tau {
+                    w * tau / distance
+                } else {
+                    w
+                }
+            })
+            .collect();
+        for (name, tensor) in v.iter_mut() {
+            let columns: Vec<&[f32]> = deltas
+                .iter()
+                .map(|d| d.delta[name].data.as_slice())
+                .collect();
+            for (j, value) in tensor.data.iter_mut().enumerate() {
+                let current = f64::from(*value);
+                let step: f64 = columns
+                    .iter()
+                    .zip(&step_weights)
+                    .map(|(x, &c)| c * (f64::from(x[j]) - current))
+                    .sum();
+                *value = (current + step) as f32;
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// The DiLoCo outer optimizer: SGD with (optionally Nesterov) momentum on the aggregated
+/// pseudo-gradient. With `lr = 1` and `momentum = 0` a step lands on the mean of the
+/// volunteers' end points.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OuterOptimizer {
+    lr: f32,
+    momentum: f32,
+    nesterov: bool,
+    momentum_buffer: NamedTensors,
+}
+
+impl OuterOptimizer {
+    /// A fresh optimizer with an empty (all-zero) momentum buffer.
+    pub fn new(lr: f32, momentum: f32, nesterov: bool) -> Result<Self, AggregateError> {
+        Self::from_state(lr, momentum, nesterov, NamedTensors::new())
+    }
+
+    /// An optimizer resuming from a persisted momentum buffer (empty means zeros).
+    pub fn from_state(
+        lr: f32,
+        momentum: f32,
+        nesterov: bool,
+        momentum_buffer: NamedTensors,
+    ) -> Result<Self, AggregateError> {
+        if !(lr.is_finite() && lr > 0.0 && (0.0..1.0).contains(&momentum)) {
+            return Err(AggregateError::InvalidHyperparameters { lr, momentum });
+        }
+        Ok(Self {
+            lr,
+            momentum,
+            nesterov,
+            momentum_buffer,
+        })
+    }
+
+    /// The momentum buffer, to persist between rounds.
+    pub fn momentum_buffer(&self) -> &NamedTensors {
+        &self.momentum_buffer
+    }
+
+    /// One outer step: `m ← μ·m + g`; `u = g + μ·m` (Nesterov) or `m`; returns `params − lr·u`.
+    /// `g` is `start − end`, so it points uphill like a gradient. On error nothing changes.
+    pub fn step(
+        &mut self,
+        params: &NamedTensors,
+        g: &NamedTensors,
+    ) -> Result<NamedTensors, AggregateError> {
+        if !matches_layout(params, g) {
+            return Err(AggregateError::OuterLayout("the pseudo-gradient"));
+        }
+        if !self.momentum_buffer.is_empty() && !matches_layout(params, &self.momentum_buffer) {
+            return Err(AggregateError::OuterLayout("the momentum buffer"));
+        }
+        let (lr, mu) = (self.lr, self.momentum);
+        let mut momentum = NamedTensors::new();
+        let mut updated = NamedTensors::new();
+        for ((name, p), grad) in params.iter().zip(g.values()) {
+            let previous = self.momentum_buffer.get(name).map(|m| m.data.as_slice());
+            let mut m = grad.data.clone();
+            let mut new_params = p.data.clone();
+            for (j, (m_j, p_j)) in m.iter_mut().zip(new_params.iter_mut()).enumerate() {
+                let g_j = *m_j;
+                *m_j = mu * previous.map_or(0.0, |prev| prev[j]) + g_j;
+                let u_j = if self.nesterov { g_j + mu * *m_j } else { *m_j };
+                *p_j -= lr * u_j;
+            }
+            momentum.insert(
+                name.clone(),
+                HostTensor {
+                    shape: p.shape.clone(),
+                    data: m,
+                },
+            );
+            updated.insert(
+                name.clone(),
+                HostTensor {
+                    shape: p.shape.clone(),
+                    data: new_params,
+                },
+            );
+        }
+        self.momentum_buffer = momentum;
+        Ok(updated)
+    }
+}
+
+/// Token shares `tokens_i / Σ tokens`, after checking the deltas are non-empty, share one
+/// layout and all have tokens.
+fn normalized_weights(deltas: &[WeightedDelta]) -> Result<Vec<f64>, AggregateError> {
+    check_layout(deltas)?;
+    if let Some(index) = deltas.iter().position(|d| d.tokens == 0) {
+        return Err(AggregateError::ZeroTokens { index });
+    }
+    let total: u128 = deltas.iter().map(|d| u128::from(d.tokens)).sum();
+    Ok(deltas
+        .iter()
+        .map(|d| d.tokens as f64 / total as f64)
+        .collect())
+}
+
+fn check_layout(deltas: &[WeightedDelta]) -> Result<(), AggregateError> {
+    let first = deltas.first().ok_or(AggregateError::Empty)?;
+    let consistent = first
+        .delta
+        .values()
+        .all(|t| t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) == Some(t.data.len()));
+    if !consistent {
+        return Err(AggregateError::Layout { index: 0 });
+    }
+    match deltas
+        .iter()
+        .position(|d| !matches_layout(first.delta, d.delta))
+    {
+        Some(index) => Err(AggregateError::Layout { index }),
+        None => Ok(()),
+    }
+}
+
+/// Same names and shapes, and the same number of values in each pair of tensors (the fields
+/// are public, so shape and data could disagree).
+fn matches_layout(a: &NamedTensors, b: &NamedTensors) -> bool {
+    same_layout(a, b)
+        && a.values()
+            .zip(b.values())
+            .all(|(x, y)| x.data.len() == y.data.len())
+}
+
+/// Builds a tensor map with the deltas' layout whose every value is `reduce` of that
+/// position's values across deltas (in delta order). Layout must have been checked.
+fn map_coordinates(
+    deltas: &[WeightedDelta],
+    mut reduce: impl FnMut(&[f32]) -> f64,
+) -> NamedTensors {
+    let mut column = Vec::with_capacity(deltas.len());
+    let mut out = NamedTensors::new();
+    for (name, first) in deltas[0].delta {
+        let tensors: Vec<&[f32]> = deltas
+            .iter()
+            .map(|d| d.delta[name].data.as_slice())
+            .collect();
+        let data = (0..first.data.len())
+            .map(|j| {
+                column.clear();
+                column.extend(tensors.iter().map(|t| t[j]));
+                reduce(&column) as f32
+            })
+            .collect();
+        out.insert(
+            name.clone(),
+            HostTensor {
+                shape: first.shape.clone(),
+                data,
+            },
+        );
+    }
+    out
+}
+
+/// `‖x − v‖²` over all tensors, accumulated in `f64` in canonical order.
+fn squared_distance(x: &NamedTensors, v: &NamedTensors) -> f64 {
+    x.values()
+        .zip(v.values())
+        .flat_map(|(a, b)| a.data.iter().zip(&b.data))
+        .map(|(&a, &b)| {
+            let d = f64::from(a) - f64::from(b);
+            d * d
+        })
+        .sum()
+}
