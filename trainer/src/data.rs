@@ -338,7 +338,7 @@ impl Shard {
         if seq_len == 0 {
             return invalid("seq_len is 0".into());
         }
-        if tokens.len() % seq_len as usize != 0 {
+        if !tokens.len().is_multiple_of(seq_len as usize) {
             return invalid(format!(
                 "{} tokens are not whole sequences of {seq_len}",
                 tokens.len()
@@ -422,7 +422,7 @@ impl Shard {
     /// Parses shard bytes, checking every header field against `limits` and the exact length
     /// before allocating; malformed input is an error, never a panic.
     pub fn decode(bytes: &[u8], limits: &ShardLimits) -> Result<Self, DataError> {
-        let invalid = |reason: String| DataError::InvalidShard(reason);
+        let invalid = DataError::InvalidShard;
         if bytes.len() as u64 > limits.max_bytes {
             return Err(invalid(format!(
                 "{} bytes exceed the limit of {}",
@@ -739,7 +739,7 @@ fn pack(examples: &[TokenizedExample], seq_len: usize, pad: u32) -> (Vec<u32>, V
             pad_to_boundary(&mut tokens, &mut mask, seq_len, pad);
         }
         for (&id, &target) in example.ids.iter().zip(&example.targets) {
-            let first = tokens.len() % seq_len == 0;
+            let first = tokens.len().is_multiple_of(seq_len);
             tokens.push(id);
             mask.push(u8::from(target && !first));
         }
