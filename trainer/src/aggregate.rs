@@ -373,3 +373,249 @@ fn squared_distance(x: &NamedTensors, v: &NamedTensors) -> f64 {
         })
         .sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensors::norm;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// Two LoRA-shaped tensors (128 values) with values uniform in [-scale, scale].
+    fn random_tensors(rng: &mut StdRng, scale: f32) -> NamedTensors {
+        [
+            ("a.lora_A.weight", vec![4, 16]),
+            ("a.lora_B.weight", vec![16, 4]),
+        ]
+        .into_iter()
+        .map(|(name, shape)| {
+            let n = shape.iter().product();
+            let data = (0..n)
+                .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+                .collect();
+            (name.to_owned(), HostTensor { shape, data })
+        })
+        .collect()
+    }
+
+    /// `a + s·b`, tensor by tensor.
+    fn axpy(a: &NamedTensors, s: f32, b: &NamedTensors) -> NamedTensors {
+        let mut out = a.clone();
+        for (x, y) in out.values_mut().zip(b.values()) {
+            x.data
+                .iter_mut()
+                .zip(&y.data)
+                .for_each(|(x, y)| *x += s * y);
+        }
+        out
+    }
+
+    fn distance(a: &NamedTensors, b: &NamedTensors) -> f64 {
+        norm(&axpy(a, -1.0, b))
+    }
+
+    fn weighted<'a>(deltas: &'a [NamedTensors], tokens: &[u64]) -> Vec<WeightedDelta<'a>> {
+        deltas
+            .iter()
+            .zip(tokens)
+            .map(|(delta, &tokens)| WeightedDelta { delta, tokens })
+            .collect()
+    }
+
+    fn single(value: f32) -> NamedTensors {
+        [(
+            "w".to_owned(),
+            HostTensor::new(vec![1], vec![value]).unwrap(),
+        )]
+        .into()
+    }
+
+    #[test]
+    fn mean_of_identical_deltas_is_the_delta() {
+        let delta = random_tensors(&mut StdRng::seed_from_u64(1), 1.0);
+        let inputs_deltas = [delta.clone(), delta.clone(), delta.clone()];
+        let inputs = weighted(&inputs_deltas, &[3, 100, 7]);
+        for rule in [
+            AggregationRule::Mean,
+            AggregationRule::TrimmedMean { trim_fraction: 0.3 },
+            AggregationRule::CenteredClipping {
+                tau: 0.1,
+                iterations: 3,
+            },
+        ] {
+            let out = aggregate(rule, &inputs).unwrap();
+            // Σ w_i·x in f64 with Σ w_i = 1 rounds back to x, up to one f32 ulp.
+            for (a, b) in out.values().zip(delta.values()) {
+                for (&x, &y) in a.data.iter().zip(&b.data) {
+                    assert!(
+                        (x - y).abs() <= y.abs() * f32::EPSILON,
+                        "{rule:?}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mean_is_token_weighted() {
+        let out = token_weighted_mean(&weighted(&[single(1.0), single(4.0)], &[3, 1])).unwrap();
+        assert_eq!(out["w"].data, vec![1.75]);
+    }
+
+    #[test]
+    fn trimmed_mean_with_trim_zero_is_the_mean() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let deltas: Vec<_> = (0..5).map(|_| random_tensors(&mut rng, 1.0)).collect();
+        let inputs = weighted(&deltas, &[10, 20, 30, 40, 50]);
+        assert_eq!(
+            trimmed_mean(&inputs, 0.0).unwrap(),
+            token_weighted_mean(&inputs).unwrap()
+        );
+    }
+
+    #[test]
+    fn trimmed_mean_drops_the_extremes_and_weights_the_survivors() {
+        let values = [100.0, 1.0, -50.0, 2.0, 4.0];
+        let deltas: Vec<_> = values.iter().map(|&v| single(v)).collect();
+        // trim 0.2 of 5 drops one at each end (-50 and 100); survivors 1, 2, 4 with 1, 1, 2 tokens.
+        let out = trimmed_mean(&weighted(&deltas, &[9, 1, 9, 1, 2]), 0.2).unwrap();
+        assert_eq!(out["w"].data, vec![2.75]);
+        assert!(matches!(
+            trimmed_mean(&weighted(&deltas, &[1; 5]), 0.5),
+            Err(AggregateError::InvalidTrim(_))
+        ));
+    }
+
+    #[test]
+    fn median_odd_and_even() {
+        let deltas: Vec<_> = [5.0, -1.0, 3.0, 100.0].iter().map(|&v| single(v)).collect();
+        assert_eq!(
+            coordinate_median(&weighted(&deltas[..3], &[1; 3])).unwrap()["w"].data,
+            vec![3.0]
+        );
+        assert_eq!(
+            coordinate_median(&weighted(&deltas, &[1; 4])).unwrap()["w"].data,
+            vec![4.0]
+        );
+    }
+
+    #[test]
+    fn centered_clipping_by_hand() {
+        // Deltas 0 and 1000 with equal weight, center 0, tau 2. The far delta always clips to
+        // +2·½ = +1; the near one pulls back by half its distance once it is within tau:
+        //   v1 = 0 + 0 + 1 = 1,  v2 = 1 − 0.5 + 1 = 1.5,  v3 = 1.5 − 0.75 + 1 = 1.75.
+        let inputs_deltas = [single(0.0), single(1000.0)];
+        let inputs = weighted(&inputs_deltas, &[1, 1]);
+        let out = centered_clipping(&inputs, &single(0.0), 2.0, 3).unwrap();
+        assert_eq!(out["w"].data, vec![1.75]);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let other: NamedTensors = [("v".to_owned(), HostTensor::zeros(vec![1]))].into();
+        let mismatched_deltas = [single(1.0), other];
+        let mismatched = weighted(&mismatched_deltas, &[1, 1]);
+        assert_eq!(
+            token_weighted_mean(&mismatched),
+            Err(AggregateError::Layout { index: 1 })
+        );
+        assert_eq!(token_weighted_mean(&[]), Err(AggregateError::Empty));
+        let zero_deltas = [single(1.0), single(2.0)];
+        let zero = weighted(&zero_deltas, &[1, 0]);
+        assert_eq!(
+            token_weighted_mean(&zero),
+            Err(AggregateError::ZeroTokens { index: 1 })
+        );
+        let ok_deltas = [single(1.0)];
+        let ok = weighted(&ok_deltas, &[1]);
+        assert!(matches!(
+            centered_clipping(&ok, &single(0.0), 0.0, 1),
+            Err(AggregateError::InvalidTau(_))
+        ));
+        assert!(OuterOptimizer::new(0.7, 1.0, true).is_err());
+        let mut outer = OuterOptimizer::new(0.7, 0.9, true).unwrap();
+        let two: NamedTensors = [("w".to_owned(), HostTensor::zeros(vec![2]))].into();
+        assert!(outer.step(&single(1.0), &two).is_err());
+        assert!(outer.momentum_buffer().is_empty());
+    }
+
+    #[test]
+    fn outer_step_with_lr_1_and_no_momentum_averages_the_end_points() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let start = random_tensors(&mut rng, 1.0);
+        let ends: Vec<_> = (0..4)
+            .map(|_| axpy(&start, 0.1, &random_tensors(&mut rng, 1.0)))
+            .collect();
+        let deltas: Vec<_> = ends.iter().map(|end| axpy(&start, -1.0, end)).collect();
+        let g = token_weighted_mean(&weighted(&deltas, &[1; 4])).unwrap();
+        let mut outer = OuterOptimizer::new(1.0, 0.0, true).unwrap();
+        let stepped = outer.step(&start, &g).unwrap();
+        assert_eq!(stepped, axpy(&start, -1.0, &g));
+        let mean_end = token_weighted_mean(&weighted(&ends, &[1; 4])).unwrap();
+        assert!(
+            distance(&stepped, &mean_end) < 1e-6,
+            "{}",
+            distance(&stepped, &mean_end)
+        );
+    }
+
+    #[test]
+    fn nesterov_two_steps_by_hand() {
+        // lr 0.5, μ 0.9, p0 = 1, g1 = 0.2, g2 = 0.1:
+        //   m1 = 0.2,              u1 = 0.2 + 0.9·0.2  = 0.38,  p1 = 1 − 0.19     = 0.81
+        //   m2 = 0.9·0.2 + 0.1 = 0.28, u2 = 0.1 + 0.9·0.28 = 0.352, p2 = 0.81 − 0.176 = 0.634
+        let mut outer = OuterOptimizer::new(0.5, 0.9, true).unwrap();
+        let p1 = outer.step(&single(1.0), &single(0.2)).unwrap();
+        assert!((p1["w"].data[0] - 0.81).abs() < 1e-6);
+        // Persist and resume between the steps, as the coordinator does.
+        let buffer = outer.momentum_buffer().clone();
+        assert!((buffer["w"].data[0] - 0.2).abs() < 1e-6);
+        let mut outer = OuterOptimizer::from_state(0.5, 0.9, true, buffer).unwrap();
+        let p2 = outer.step(&p1, &single(0.1)).unwrap();
+        assert!((outer.momentum_buffer()["w"].data[0] - 0.28).abs() < 1e-6);
+        assert!((p2["w"].data[0] - 0.634).abs() < 1e-6);
+        // Plain heavy ball on the same inputs: u = m, so p1 = 0.9 and p2 = 0.9 − 0.14 = 0.76.
+        let mut heavy_ball = OuterOptimizer::new(0.5, 0.9, false).unwrap();
+        let p1 = heavy_ball.step(&single(1.0), &single(0.2)).unwrap();
+        let p2 = heavy_ball.step(&p1, &single(0.1)).unwrap();
+        assert!((p2["w"].data[0] - 0.76).abs() < 1e-6);
+    }
+
+    /// 10 honest deltas (a common true vector plus ±10% noise per value), 3 of them replaced
+    /// by attackers: ×100 scaled, sign-flipped, and large random noise. Robust rules must land
+    /// within 0.25·‖honest mean‖ of the honest mean, while the plain mean is thrown ≥ 5× that far.
+    #[test]
+    fn robust_rules_resist_30_percent_attackers() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let truth = random_tensors(&mut rng, 1.0);
+        let mut deltas: Vec<_> = (0..10)
+            .map(|_| axpy(&truth, 0.1, &random_tensors(&mut rng, 1.0)))
+            .collect();
+        let tokens: Vec<u64> = (0..10).map(|i| 1000 + 100 * i).collect();
+        let honest_mean = token_weighted_mean(&weighted(&deltas[3..], &tokens[3..])).unwrap();
+        deltas[0] = axpy(&zeros_like(&truth), 100.0, &deltas[0]);
+        deltas[1] = axpy(&zeros_like(&truth), -1.0, &deltas[1]);
+        deltas[2] = random_tensors(&mut rng, 50.0);
+        let inputs = weighted(&deltas, &tokens);
+
+        let bound = 0.25 * norm(&honest_mean);
+        let plain = distance(&token_weighted_mean(&inputs).unwrap(), &honest_mean);
+        let trimmed = distance(&trimmed_mean(&inputs, 0.3).unwrap(), &honest_mean);
+        // tau ≈ 2× an honest delta's distance from the truth (0.1·√(128/3) ≈ 0.65).
+        let rule = AggregationRule::CenteredClipping {
+            tau: 1.5,
+            iterations: 3,
+        };
+        let clipped = distance(&aggregate(rule, &inputs).unwrap(), &honest_mean);
+        assert!(trimmed <= bound, "trimmed mean {trimmed} > {bound}");
+        assert!(clipped <= bound, "centered clipping {clipped} > {bound}");
+        assert!(plain >= 5.0 * bound, "plain mean {plain} < 5 × {bound}");
+    }
+
+    /// Zeros with the layout of `t` (so `axpy(zeros, s, x)` is `s·x`).
+    fn zeros_like(t: &NamedTensors) -> NamedTensors {
+        t.iter()
+            .map(|(n, x)| (n.clone(), HostTensor::zeros(x.shape.clone())))
+            .collect()
+    }
+}

@@ -1,7 +1,7 @@
 //! Safetensors I/O: reading a Hugging Face checkpoint (one `model.safetensors` or shards listed
 //! in `model.safetensors.index.json`) into host tensors, and writing tensors back atomically.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -237,37 +237,88 @@ fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     }
 }
 
-/// Serializes tensors as an `F32` safetensors file image with the given metadata.
-pub fn safetensors_bytes(
-    tensors: &NamedTensors,
-    metadata: HashMap<String, String>,
-) -> Result<Vec<u8>> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+/// One tensor's raw little-endian bytes, ready to be written into a safetensors image.
+pub struct RawTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// `shape.product() × dtype.size()` bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// The one safetensors writer of the project. Unlike `safetensors::serialize`, whose metadata
+/// is a `HashMap` written in random order, it gives the same bytes for the same input, so a
+/// content id of an adapter or a delta is a function of its tensors. Layout as the crate writes
+/// it: header keys sorted, data widest dtype first then by name, header padded to 8 bytes.
+pub fn safetensors_image(
+    mut tensors: Vec<RawTensor>,
+    metadata: &BTreeMap<String, String>,
+) -> Vec<u8> {
+    tensors.sort_by(|a, b| {
+        b.dtype
+            .bitsize()
+            .cmp(&a.dtype.bitsize())
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    // serde_json's map is ordered by key unless `preserve_order` is on, which this crate never enables.
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let meta = metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())));
+        header.insert(
+            "__metadata__".into(),
+            serde_json::Value::Object(meta.collect()),
+        );
+    }
+    let mut offset = 0usize;
+    for t in &tensors {
+        let end = offset + t.bytes.len();
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({
+                "dtype": format!("{:?}", t.dtype),
+                "shape": t.shape,
+                "data_offsets": [offset, end],
+            }),
+        );
+        offset = end;
+    }
+    let mut header_bytes = serde_json::Value::Object(header).to_string().into_bytes();
+    header_bytes.resize(header_bytes.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + header_bytes.len() + offset);
+    out.extend((header_bytes.len() as u64).to_le_bytes());
+    out.extend(header_bytes);
+    for t in tensors {
+        out.extend(t.bytes);
+    }
+    out
+}
+
+/// Serializes tensors as an `F32` safetensors image with the given metadata.
+pub fn safetensors_bytes(tensors: &NamedTensors, metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let raw = tensors
         .iter()
-        .map(|(n, t)| {
-            let raw = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (n.clone(), raw, t.shape.clone())
+        .map(|(name, t)| RawTensor {
+            name: name.clone(),
+            dtype: Dtype::F32,
+            shape: t.shape.clone(),
+            bytes: t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
         })
         .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, raw, shape)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), raw)
-                .map(|v| (n.as_str(), v))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| TrainerError::InvalidInput(e.to_string()))?;
-    let meta = (!metadata.is_empty()).then_some(metadata);
-    safetensors::serialize(views, meta).map_err(|e| TrainerError::InvalidInput(e.to_string()))
+    safetensors_image(raw, metadata)
 }
 
 /// Writes tensors to `path` as an `F32` safetensors file, atomically (see [`write_atomic`]).
 pub fn write_safetensors(
     path: &Path,
     tensors: &NamedTensors,
-    metadata: HashMap<String, String>,
+    metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    write_atomic(path, &safetensors_bytes(tensors, metadata)?)
+    write_atomic(path, &safetensors_bytes(tensors, metadata))
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one, never a
@@ -313,13 +364,13 @@ mod tests {
         write_safetensors(
             &dir.path().join("model-00001-of-00002.safetensors"),
             &a,
-            HashMap::new(),
+            &BTreeMap::new(),
         )
         .unwrap();
         write_safetensors(
             &dir.path().join("model-00002-of-00002.safetensors"),
             &b,
-            HashMap::new(),
+            &BTreeMap::new(),
         )
         .unwrap();
         std::fs::write(

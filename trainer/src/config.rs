@@ -492,8 +492,11 @@ mod tests {
     fn errors_name_the_problem() {
         let err = ModelConfig::from_json(r#"{"model_type":"t5"}"#).unwrap_err();
         assert!(err.to_string().contains("\"t5\""), "{err}");
-        let err =
-            ModelConfig::from_json(r#"{"model_type":"llama","vocab_size":"many"}"#).unwrap_err();
+        let err = ModelConfig::from_json(
+            r#"{"model_type":"llama","vocab_size":"many","hidden_size":8,"intermediate_size":16,
+            "num_hidden_layers":1,"num_attention_heads":2}"#,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("vocab_size"), "{err}");
         let err = ModelConfig::from_json(
             r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,

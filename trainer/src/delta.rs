@@ -21,11 +21,11 @@
 //! whose metadata is a `HashMap`) so that the same delta always gives the same bytes, and hence
 //! the same payload hash. The decoder reads it with the safetensors crate's validating parser.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorInfo};
-use serde_json::Value;
 
+use crate::checkpoint::{RawTensor, safetensors_image};
 use crate::tensors::{HostTensor, NamedTensors, same_layout};
 
 const FORMAT: &str = "swarmtune-delta";
@@ -223,111 +223,132 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<NamedTensors, Delta
         elements: 0,
     };
     match meta("encoding") {
-        Some(encoding @ ("f32" | "f16")) => {
-            reader.check_count(stored.len())?;
-            let mut out = NamedTensors::new();
-            for (name, info) in &stored {
-                reader.reserve(name, &info.shape)?;
-                let values = if encoding == "f32" {
-                    reader.f32s(name, info)?
-                } else {
-                    reader.f16s(name, info)?
-                };
-                check_finite(name, &values)?;
-                out.insert(name.clone(), dense(info.shape.clone(), values));
-            }
-            Ok(out)
-        }
-        Some("int8-rowwise") => {
-            let pairs = pair_up(&stored, ".q", ".scale")?;
-            reader.check_count(pairs.len())?;
-            let mut out = NamedTensors::new();
-            for (name, (q, scale)) in pairs {
-                reader.reserve(&name, &q.shape)?;
-                let rows = checked_product(&q.shape[..q.shape.len().saturating_sub(1)])
-                    .ok_or_else(|| tensor_error(&name, "shape overflows"))?;
-                if scale.shape != [rows] {
-                    return Err(tensor_error(
-                        &name,
-                        format!("scale shape {:?}, expected [{rows}]", scale.shape),
-                    ));
-                }
-                let scales = reader.f32s(&name, scale)?;
-                if let Some(bad) = scales.iter().find(|s| !s.is_finite() || **s < 0.0) {
-                    return Err(tensor_error(&name, format!("invalid row scale {bad}")));
-                }
-                let quantized = reader.i8s(&name, q)?;
-                if quantized.contains(&i8::MIN) {
-                    return Err(tensor_error(&name, "quantized value -128 is outside ±127"));
-                }
-                let cols = q.shape.last().copied().unwrap_or(1);
-                let mut values = Vec::with_capacity(quantized.len());
-                if cols > 0 {
-                    for (row, &s) in quantized.chunks_exact(cols).zip(&scales) {
-                        values.extend(row.iter().map(|&v| f32::from(v) * s));
-                    }
-                }
-                out.insert(name, dense(q.shape.clone(), values));
-            }
-            Ok(out)
-        }
-        Some("topk") => {
-            let pairs = pair_up(&stored, ".idx", ".val")?;
-            reader.check_count(pairs.len())?;
-            if let Some(orphan) = metadata
-                .keys()
-                .filter_map(|k| k.strip_prefix(SHAPE_PREFIX))
-                .find(|name| !pairs.contains_key(*name))
-            {
-                return Err(tensor_error(orphan, "shape in metadata but no tensors"));
-            }
-            let mut out = NamedTensors::new();
-            for (name, (idx, val)) in pairs {
-                let key = format!("{SHAPE_PREFIX}{name}");
-                let shape = parse_shape(meta(&key).ok_or_else(|| DeltaError::Metadata {
-                    key: key.clone(),
-                    problem: "missing".into(),
-                })?)
-                .ok_or_else(|| DeltaError::Metadata {
-                    key: key.clone(),
-                    problem: "not a comma-separated list of dimensions".into(),
-                })?;
-                let n = reader.reserve(&name, &shape)?;
-                let k_ok = matches!(
-                    (idx.shape.as_slice(), val.shape.as_slice()),
-                    ([a], [b]) if a == b && *a <= n
-                );
-                if !k_ok {
-                    return Err(tensor_error(
-                        &name,
-                        format!(
-                            "idx shape {:?} and val shape {:?} are not both [k] with k ≤ {n}",
-                            idx.shape, val.shape
-                        ),
-                    ));
-                }
-                let indices = reader.u32s(&name, idx)?;
-                let kept = reader.f32s(&name, val)?;
-                check_finite(&name, &kept)?;
-                let mut values = vec![0.0; n];
-                let mut previous: Option<usize> = None;
-                for (&i, &v) in indices.iter().zip(&kept) {
-                    let i = i as usize;
-                    if previous.is_some_and(|p| i <= p) {
-                        return Err(tensor_error(&name, "indices are not strictly increasing"));
-                    }
-                    let slot = values.get_mut(i).ok_or_else(|| {
-                        tensor_error(&name, format!("index {i} out of range {n}"))
-                    })?;
-                    *slot = v;
-                    previous = Some(i);
-                }
-                out.insert(name, dense(shape, values));
-            }
-            Ok(out)
-        }
+        Some("f32") => decode_plain(&mut reader, &stored, Dtype::F32),
+        Some("f16") => decode_plain(&mut reader, &stored, Dtype::F16),
+        Some("int8-rowwise") => decode_int8(&mut reader, &stored),
+        Some("topk") => decode_topk(&mut reader, &stored, metadata),
         other => Err(DeltaError::UnknownEncoding(other.unwrap_or("").to_owned())),
     }
+}
+
+/// `f32` or `f16`: every tensor stored densely under its own name.
+fn decode_plain(
+    reader: &mut Reader,
+    stored: &BTreeMap<String, &TensorInfo>,
+    dtype: Dtype,
+) -> Result<NamedTensors, DeltaError> {
+    reader.check_count(stored.len())?;
+    let mut out = NamedTensors::new();
+    for (name, info) in stored {
+        reader.reserve(name, &info.shape)?;
+        let values = if dtype == Dtype::F32 {
+            reader.f32s(name, info)?
+        } else {
+            reader.f16s(name, info)?
+        };
+        check_finite(name, &values)?;
+        out.insert(name.clone(), dense(info.shape.clone(), values));
+    }
+    Ok(out)
+}
+
+/// `int8-rowwise`: `NAME.q` and `NAME.scale`, one non-negative finite scale per row.
+fn decode_int8(
+    reader: &mut Reader,
+    stored: &BTreeMap<String, &TensorInfo>,
+) -> Result<NamedTensors, DeltaError> {
+    let pairs = pair_up(stored, ".q", ".scale")?;
+    reader.check_count(pairs.len())?;
+    let mut out = NamedTensors::new();
+    for (name, (q, scale)) in pairs {
+        reader.reserve(&name, &q.shape)?;
+        let rows = checked_product(&q.shape[..q.shape.len().saturating_sub(1)])
+            .ok_or_else(|| tensor_error(&name, "shape overflows"))?;
+        if scale.shape != [rows] {
+            return Err(tensor_error(
+                &name,
+                format!("scale shape {:?}, expected [{rows}]", scale.shape),
+            ));
+        }
+        let scales = reader.f32s(&name, scale)?;
+        if let Some(bad) = scales.iter().find(|s| !s.is_finite() || **s < 0.0) {
+            return Err(tensor_error(&name, format!("invalid row scale {bad}")));
+        }
+        let quantized = reader.i8s(&name, q)?;
+        if quantized.contains(&i8::MIN) {
+            return Err(tensor_error(&name, "quantized value -128 is outside ±127"));
+        }
+        let cols = q.shape.last().copied().unwrap_or(1);
+        let mut values = Vec::with_capacity(quantized.len());
+        if cols > 0 {
+            for (row, &s) in quantized.chunks_exact(cols).zip(&scales) {
+                values.extend(row.iter().map(|&v| f32::from(v) * s));
+            }
+        }
+        out.insert(name, dense(q.shape.clone(), values));
+    }
+    Ok(out)
+}
+
+/// `topk`: `NAME.idx` and `NAME.val` scattered into zeros of the shape in `shape.NAME`.
+fn decode_topk(
+    reader: &mut Reader,
+    stored: &BTreeMap<String, &TensorInfo>,
+    metadata: &HashMap<String, String>,
+) -> Result<NamedTensors, DeltaError> {
+    let pairs = pair_up(stored, ".idx", ".val")?;
+    reader.check_count(pairs.len())?;
+    if let Some(orphan) = metadata
+        .keys()
+        .filter_map(|k| k.strip_prefix(SHAPE_PREFIX))
+        .find(|name| !pairs.contains_key(*name))
+    {
+        return Err(tensor_error(orphan, "shape in metadata but no tensors"));
+    }
+    let mut out = NamedTensors::new();
+    for (name, (idx, val)) in pairs {
+        let key = format!("{SHAPE_PREFIX}{name}");
+        let shape = parse_shape(metadata.get(&key).ok_or_else(|| DeltaError::Metadata {
+            key: key.clone(),
+            problem: "missing".into(),
+        })?)
+        .ok_or_else(|| DeltaError::Metadata {
+            key: key.clone(),
+            problem: "not a comma-separated list of dimensions".into(),
+        })?;
+        let n = reader.reserve(&name, &shape)?;
+        let k_ok = matches!(
+            (idx.shape.as_slice(), val.shape.as_slice()),
+            ([a], [b]) if a == b && *a <= n
+        );
+        if !k_ok {
+            return Err(tensor_error(
+                &name,
+                format!(
+                    "idx shape {:?} and val shape {:?} are not both [k] with k ≤ {n}",
+                    idx.shape, val.shape
+                ),
+            ));
+        }
+        let indices = reader.u32s(&name, idx)?;
+        let kept = reader.f32s(&name, val)?;
+        check_finite(&name, &kept)?;
+        let mut values = vec![0.0; n];
+        let mut previous: Option<usize> = None;
+        for (&i, &v) in indices.iter().zip(&kept) {
+            let i = i as usize;
+            if previous.is_some_and(|p| i <= p) {
+                return Err(tensor_error(&name, "indices are not strictly increasing"));
+            }
+            let slot = values
+                .get_mut(i)
+                .ok_or_else(|| tensor_error(&name, format!("index {i} out of range {n}")))?;
+            *slot = v;
+            previous = Some(i);
+        }
+        out.insert(name, dense(shape, values));
+    }
+    Ok(out)
 }
 
 /// Element types the codec stores.
@@ -340,20 +361,12 @@ enum Elem {
 }
 
 impl Elem {
-    fn name(self) -> &'static str {
+    fn dtype(self) -> Dtype {
         match self {
-            Self::F32 => "F32",
-            Self::F16 => "F16",
-            Self::I8 => "I8",
-            Self::U32 => "U32",
-        }
-    }
-
-    fn size(self) -> usize {
-        match self {
-            Self::F32 | Self::U32 => 4,
-            Self::F16 => 2,
-            Self::I8 => 1,
+            Self::F32 => Dtype::F32,
+            Self::F16 => Dtype::F16,
+            Self::I8 => Dtype::I8,
+            Self::U32 => Dtype::U32,
         }
     }
 }
@@ -507,44 +520,18 @@ fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
     order
 }
 
-/// Writes a safetensors file: the header lists metadata and tensors in a fixed order, the data
-/// goes widest element type first (as the safetensors crate does) so every tensor is aligned.
-fn write_container(mut stored: Vec<Stored>, metadata: BTreeMap<String, String>) -> Vec<u8> {
-    stored.sort_by(|a, b| {
-        b.elem
-            .size()
-            .cmp(&a.elem.size())
-            .then_with(|| a.name.cmp(&b.name))
-    });
-    let mut header = serde_json::Map::new();
-    header.insert(
-        METADATA_KEY.to_owned(),
-        Value::Object(
-            metadata
-                .into_iter()
-                .map(|(k, v)| (k, Value::from(v)))
-                .collect(),
-        ),
-    );
-    let mut offset = 0usize;
-    for tensor in &stored {
-        let end = offset + tensor.bytes.len();
-        let mut entry = serde_json::Map::new();
-        entry.insert("dtype".into(), Value::from(tensor.elem.name()));
-        entry.insert("shape".into(), Value::from(tensor.shape.clone()));
-        entry.insert("data_offsets".into(), Value::from(vec![offset, end]));
-        header.insert(tensor.name.clone(), Value::Object(entry));
-        offset = end;
-    }
-    let mut header_bytes = Value::Object(header).to_string().into_bytes();
-    header_bytes.resize(header_bytes.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(HEADER_LEN_BYTES + header_bytes.len() + offset);
-    out.extend((header_bytes.len() as u64).to_le_bytes());
-    out.extend(header_bytes);
-    for tensor in stored {
-        out.extend(tensor.bytes);
-    }
-    out
+/// Writes the container through the crate's one deterministic safetensors writer.
+fn write_container(stored: Vec<Stored>, metadata: BTreeMap<String, String>) -> Vec<u8> {
+    let raw = stored
+        .into_iter()
+        .map(|t| RawTensor {
+            name: t.name,
+            dtype: t.elem.dtype(),
+            shape: t.shape,
+            bytes: t.bytes,
+        })
+        .collect();
+    safetensors_image(raw, &metadata)
 }
 
 /// Reads typed values out of the validated data section, counting dense values against the

@@ -197,9 +197,9 @@ impl Adapter {
     /// Writes a PEFT adapter directory that `PeftModel.from_pretrained` loads unchanged.
     pub fn save(&self, dir: &Path, base_model: Option<&str>, fan_in_fan_out: bool) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
-        let mut meta = HashMap::new();
+        let mut meta = BTreeMap::new();
         meta.insert("format".to_owned(), "pt".to_owned());
-        write_safetensors(&dir.join("adapter_model.safetensors"), &self.tensors, meta)?;
+        write_safetensors(&dir.join("adapter_model.safetensors"), &self.tensors, &meta)?;
         let config = peft_config_json(&self.config, base_model, fan_in_fan_out);
         let text = serde_json::to_string_pretty(&config)
             .map_err(|e| TrainerError::InvalidInput(e.to_string()))?;
@@ -484,9 +484,9 @@ pub fn merge_into_base(base_dir: &Path, adapter: &Adapter, out_dir: &Path) -> Re
         }
     }
     std::fs::create_dir_all(out_dir).map_err(|e| TrainerError::io(out_dir, e))?;
-    let mut meta = HashMap::new();
+    let mut meta = BTreeMap::new();
     meta.insert("format".to_owned(), "pt".to_owned());
-    write_safetensors(&out_dir.join("model.safetensors"), &tensors, meta)?;
+    write_safetensors(&out_dir.join("model.safetensors"), &tensors, &meta)?;
     for file in CARRIED_FILES {
         let from = base_dir.join(file);
         if from.is_file() {

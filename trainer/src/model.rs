@@ -82,8 +82,8 @@ pub struct ForwardOptions<'a> {
 }
 
 enum Arch {
-    Llama(Llama),
-    Gpt2(Gpt2),
+    Llama(Box<Llama>),
+    Gpt2(Box<Gpt2>),
 }
 
 /// A causal language model of a supported architecture on a burn device.
@@ -108,8 +108,10 @@ impl CausalLm {
         device: &Device,
     ) -> Result<Self> {
         let arch = match &config {
-            ModelConfig::Llama(c) => Arch::Llama(Llama::load(c, &mut checkpoint, device)?),
-            ModelConfig::Gpt2(c) => Arch::Gpt2(Gpt2::load(c, &mut checkpoint, device)?),
+            ModelConfig::Llama(c) => {
+                Arch::Llama(Box::new(Llama::load(c, &mut checkpoint, device)?))
+            }
+            ModelConfig::Gpt2(c) => Arch::Gpt2(Box::new(Gpt2::load(c, &mut checkpoint, device)?)),
         };
         Ok(Self {
             config,
@@ -132,8 +134,8 @@ impl CausalLm {
     pub fn to_autodiff(&self) -> Self {
         let device = self.device.clone().autodiff();
         let arch = match &self.arch {
-            Arch::Llama(m) => Arch::Llama(m.map_weights(&|t| t.autodiff())),
-            Arch::Gpt2(m) => Arch::Gpt2(m.map_weights(&|t| t.autodiff())),
+            Arch::Llama(m) => Arch::Llama(Box::new(m.map_weights(&|t| t.autodiff()))),
+            Arch::Gpt2(m) => Arch::Gpt2(Box::new(m.map_weights(&|t| t.autodiff()))),
         };
         Self {
             config: self.config.clone(),

@@ -9,7 +9,7 @@
 //! replay the segment to the next ([`replay_segment`]), which is what makes verification cheap
 //! (DESIGN.md, step 5).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -92,9 +92,9 @@ impl TrainSpec {
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return Err("beta1 and beta2 must be in [0, 1)".into());
         }
-        if !(self.eps.is_finite() && self.eps > 0.0)
-            || !(self.weight_decay.is_finite() && self.weight_decay >= 0.0)
-        {
+        let eps_ok = self.eps.is_finite() && self.eps > 0.0;
+        let decay_ok = self.weight_decay.is_finite() && self.weight_decay >= 0.0;
+        if !(eps_ok && decay_ok) {
             return Err("eps must be positive and weight_decay non-negative".into());
         }
         if self
@@ -163,11 +163,11 @@ impl LoraState {
                 all.insert(format!("{prefix}{n}"), t.clone());
             }
         }
-        let mut meta = HashMap::new();
+        let mut meta = BTreeMap::new();
         meta.insert("format".into(), "swarmtune-lora-state".into());
         meta.insert("version".into(), "1".into());
         meta.insert("step".into(), self.step.to_string());
-        safetensors_bytes(&all, meta)
+        Ok(safetensors_bytes(&all, &meta))
     }
 
     /// Parses [`LoraState::to_bytes`] output, refusing anything that does not match `adapter`'s

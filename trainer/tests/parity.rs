@@ -135,3 +135,75 @@ fn ndarray_backend_matches_too() {
         check_grads(name, DeviceKind::Ndarray);
     }
 }
+
+#[test]
+fn merged_checkpoint_equals_model_plus_adapter() {
+    for name in ["llama", "qwen2", "gpt2"] {
+        let dir = fixture(name);
+        let out = tempfile::tempdir().unwrap();
+        let adapter = Adapter::load(&dir.join("adapter")).unwrap();
+        swarmtune_trainer::lora::merge_into_base(&dir.join("model"), &adapter, out.path()).unwrap();
+        let device = DeviceKind::Cpu.device().unwrap();
+        let merged = CausalLm::load(out.path(), &device).unwrap();
+        let logits = download(
+            merged
+                .logits(&inputs(&dir), ForwardOptions::default())
+                .unwrap(),
+        )
+        .unwrap();
+        let want = &expected(&dir, "expected_logits_with_adapter.safetensors")["logits"];
+        let diff = max_abs_diff(&logits, want);
+        assert!(diff < 1e-4, "{name}: merged logits differ by {diff}");
+    }
+}
+
+#[test]
+fn kv_cache_generation_matches_the_full_forward() {
+    use swarmtune_trainer::model::KvCache;
+    for name in ["llama", "gpt2"] {
+        let dir = fixture(name);
+        let device = DeviceKind::Cpu.device().unwrap();
+        let model = CausalLm::load(&dir.join("model"), &device).unwrap();
+        let batch = inputs(&dir);
+        let first = TokenBatch::new(batch.ids[..batch.seq].to_vec(), 1, batch.seq).unwrap();
+        let full = download(model.logits(&first, ForwardOptions::default()).unwrap()).unwrap();
+        let vocab = full.shape[2];
+        // Feed the prompt in two pieces, then one token at a time.
+        let mut cache = KvCache::new(model.config().num_layers());
+        let split = 5;
+        let mut rows = Vec::new();
+        let head = TokenBatch::new(first.ids[..split].to_vec(), 1, split).unwrap();
+        rows.extend(
+            download(
+                model.head(
+                    model
+                        .hidden(&head, ForwardOptions::default(), Some(&mut cache))
+                        .unwrap(),
+                ),
+            )
+            .unwrap()
+            .data,
+        );
+        for &token in &first.ids[split..] {
+            let one = TokenBatch::new(vec![token], 1, 1).unwrap();
+            rows.extend(
+                download(
+                    model.head(
+                        model
+                            .hidden(&one, ForwardOptions::default(), Some(&mut cache))
+                            .unwrap(),
+                    ),
+                )
+                .unwrap()
+                .data,
+            );
+        }
+        assert_eq!(rows.len(), batch.seq * vocab);
+        let diff = rows
+            .iter()
+            .zip(&full.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{name}: cached logits differ by {diff}");
+    }
+}

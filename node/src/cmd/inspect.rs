@@ -1,7 +1,7 @@
 //! `swarmtune inspect`: logits and LoRA gradients of any supported checkpoint, written as
 //! safetensors so they can be compared with transformers + PEFT.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use anyhow::Context;
 use swarmtune_trainer::checkpoint::{read_input_ids, write_safetensors};
@@ -43,7 +43,7 @@ pub fn logits(args: InspectLogitsArgs) -> anyhow::Result<()> {
     })?;
     let mut out = NamedTensors::new();
     out.insert("logits".into(), logits);
-    write_safetensors(&args.out, &out, HashMap::new())?;
+    write_safetensors(&args.out, &out, &BTreeMap::new())?;
     println!(
         "wrote logits {:?} to {}",
         out["logits"].shape,
@@ -73,7 +73,7 @@ pub fn grads(args: InspectGradsArgs) -> anyhow::Result<()> {
         "loss".into(),
         HostTensor::new(vec![1], vec![loss]).context("loss tensor")?,
     );
-    write_safetensors(&args.out, &out, HashMap::new())?;
+    write_safetensors(&args.out, &out, &BTreeMap::new())?;
     println!(
         "loss {loss:.6}; wrote {count} LoRA gradients to {}",
         args.out.display()
