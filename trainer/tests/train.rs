@@ -59,25 +59,41 @@ fn lora() -> LoraConfig {
     }
 }
 
-fn run(kind: DeviceKind, threads: usize, spec: &TrainSpec) -> (TrainOutcome, Adapter) {
-    let pool = ThreadPool::new(threads).unwrap();
-    pool.install(|| {
+/// Runs `f` with a trainer for `lora` on the fixture model, a fresh adapter and the lease data,
+/// inside a pool of `threads` math threads.
+fn with_lease<R: Send>(
+    kind: DeviceKind,
+    threads: usize,
+    lora: LoraConfig,
+    f: impl FnOnce(&LocalTrainer<'_>, &LeaseData<'_>, &Adapter) -> R + Send,
+) -> R {
+    ThreadPool::new(threads).unwrap().install(|| {
         let model = CausalLm::load(&model_dir(), &kind.device().unwrap())
             .unwrap()
             .to_autodiff();
-        let trainer = LocalTrainer::new(
-            &model,
-            lora(),
-            Provenance::here(kind.backend_name(), threads),
-        )
-        .unwrap();
-        let start = Adapter::init(lora(), trainer.sites(), 42);
+        let provenance = Provenance::here(kind.backend_name(), threads);
+        let trainer = LocalTrainer::new(&model, lora.clone(), provenance).unwrap();
+        let start = Adapter::init(lora, trainer.sites(), 42);
         let shards = shards();
         let data = LeaseData::new(&shards, 384).unwrap();
-        let outcome = trainer
-            .train(&start, &data, spec, &mut |_| {}, &AtomicBool::new(false))
-            .unwrap();
-        (outcome, start)
+        f(&trainer, &data, &start)
+    })
+}
+
+fn train(
+    trainer: &LocalTrainer<'_>,
+    data: &LeaseData<'_>,
+    start: &Adapter,
+    spec: &TrainSpec,
+) -> TrainOutcome {
+    trainer
+        .train(start, data, spec, &mut |_| {}, &AtomicBool::new(false))
+        .unwrap()
+}
+
+fn run(kind: DeviceKind, threads: usize, spec: &TrainSpec) -> (TrainOutcome, Adapter) {
+    with_lease(kind, threads, lora(), |trainer, data, start| {
+        (train(trainer, data, start, spec), start.clone())
     })
 }
 
@@ -125,14 +141,7 @@ fn same_inputs_give_bitwise_identical_deltas() {
 #[test]
 fn a_committed_segment_replays_to_the_committed_hash() {
     let (out, _) = run(DeviceKind::Cpu, 2, &spec());
-    let pool = ThreadPool::new(2).unwrap();
-    pool.install(|| {
-        let model = CausalLm::load(&model_dir(), &DeviceKind::Cpu.device().unwrap())
-            .unwrap()
-            .to_autodiff();
-        let trainer = LocalTrainer::new(&model, lora(), Provenance::here("flex", 2)).unwrap();
-        let shards = shards();
-        let data = LeaseData::new(&shards, 384).unwrap();
+    with_lease(DeviceKind::Cpu, 2, lora(), |trainer, data, _| {
         // The volunteer exports its state at step 2; the verifier decodes it, checks it against
         // the commitment, replays steps 2..4 and compares with the commitment at step 4.
         let bytes = out.snapshots[1].to_bytes().unwrap();
@@ -150,7 +159,7 @@ fn a_committed_segment_replays_to_the_committed_hash() {
         let first = forged.params.values_mut().next().unwrap();
         first.data[0] += 1e-3;
         assert_ne!(forged.hash().as_bytes(), &out.commitments[1].state_hash);
-        let end = trainer.replay_segment(forged, &data, &spec(), 4).unwrap();
+        let end = trainer.replay_segment(forged, data, &spec(), 4).unwrap();
         assert_ne!(end.hash().as_bytes(), &out.commitments[2].state_hash);
 
         // Bytes that do not fit the layout are refused, not trained on.
@@ -170,68 +179,39 @@ fn gradient_accumulation_matches_the_full_batch() {
         dropout: 0.0,
         ..lora()
     };
-    let pool = ThreadPool::new(2).unwrap();
-    pool.install(|| {
-        let model = CausalLm::load(&model_dir(), &DeviceKind::Cpu.device().unwrap())
-            .unwrap()
-            .to_autodiff();
-        let trainer =
-            LocalTrainer::new(&model, lora_no_dropout.clone(), Provenance::here("flex", 2))
-                .unwrap();
-        let start = Adapter::init(lora_no_dropout.clone(), trainer.sites(), 42);
-        let shards = shards();
-        let data = LeaseData::new(&shards, 384).unwrap();
-        let full = trainer
-            .train(
-                &start,
-                &data,
-                &no_dropout(4),
-                &mut |_| {},
-                &AtomicBool::new(false),
-            )
-            .unwrap();
-        let accumulated = trainer
-            .train(
-                &start,
-                &data,
-                &no_dropout(1),
-                &mut |_| {},
-                &AtomicBool::new(false),
-            )
-            .unwrap();
-        for (name, a) in &full.delta {
-            let b = &accumulated.delta[name];
-            let scale = a.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = a
-                .data
-                .iter()
-                .zip(&b.data)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(
-                diff <= 1e-3 * scale.max(1e-6),
-                "{name}: {diff} vs scale {scale}"
-            );
-        }
-    });
+    with_lease(
+        DeviceKind::Cpu,
+        2,
+        lora_no_dropout,
+        |trainer, data, start| {
+            let full = train(trainer, data, start, &no_dropout(4));
+            let accumulated = train(trainer, data, start, &no_dropout(1));
+            for (name, a) in &full.delta {
+                let b = &accumulated.delta[name];
+                let scale = a.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = a
+                    .data
+                    .iter()
+                    .zip(&b.data)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    diff <= 1e-3 * scale.max(1e-6),
+                    "{name}: {diff} vs scale {scale}"
+                );
+            }
+        },
+    );
 }
 
 #[test]
 fn progress_is_reported_and_cancellation_stops_the_lease() {
-    let pool = ThreadPool::new(2).unwrap();
-    pool.install(|| {
-        let model = CausalLm::load(&model_dir(), &DeviceKind::Cpu.device().unwrap())
-            .unwrap()
-            .to_autodiff();
-        let trainer = LocalTrainer::new(&model, lora(), Provenance::here("flex", 2)).unwrap();
-        let start = Adapter::init(lora(), trainer.sites(), 42);
-        let shards = shards();
-        let data = LeaseData::new(&shards, 384).unwrap();
+    with_lease(DeviceKind::Cpu, 2, lora(), |trainer, data, start| {
         let cancel = AtomicBool::new(false);
         let mut seen = Vec::new();
         let result = trainer.train(
-            &start,
-            &data,
+            start,
+            data,
             &spec(),
             &mut |p| {
                 seen.push(p.step);
