@@ -149,7 +149,7 @@ fn a_committed_segment_replays_to_the_committed_hash() {
         let claimed = LoraState::from_bytes(&bytes, layout, 1 << 26).unwrap();
         assert_eq!(claimed.hash().as_bytes(), &out.commitments[1].state_hash);
         let end = trainer
-            .replay_segment(claimed.clone(), &data, &spec(), 4)
+            .replay_segment(claimed.clone(), data, &spec(), 4)
             .unwrap();
         assert_eq!(end.hash().as_bytes(), &out.commitments[2].state_hash);
 
