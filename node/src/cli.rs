@@ -23,6 +23,20 @@ pub enum Command {
     Inspect(InspectCommand),
     /// Generate text from a model, optionally with a LoRA adapter, streamed to the terminal.
     Generate(GenerateArgs),
+    /// Pretrain a small base model from scratch, from a recipe (how the built-in base was made).
+    Pretrain(PretrainArgs),
+}
+
+/// `swarmtune pretrain`
+#[derive(Args, Debug)]
+pub struct PretrainArgs {
+    /// The recipe (TOML), e.g. recipes/builtin-base.toml.
+    pub recipe: PathBuf,
+    /// Directory to write the model to (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 /// `swarmtune inspect ...`

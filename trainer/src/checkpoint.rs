@@ -84,10 +84,15 @@ impl Checkpoint {
         Ok(t)
     }
 
-    /// Takes the first of `names` that exists (checkpoints differ in prefixes), checking its shape.
-    pub fn take_first(&mut self, names: &[String], expected: &[usize]) -> Result<HostTensor> {
+    /// Takes the first of `names` that exists (checkpoints differ in prefixes), checking its
+    /// shape; returns the name found with the tensor.
+    pub fn take_first(
+        &mut self,
+        names: &[String],
+        expected: &[usize],
+    ) -> Result<(String, HostTensor)> {
         match names.iter().find(|n| self.tensors.contains_key(n.as_str())) {
-            Some(name) => self.take(name, expected),
+            Some(name) => Ok((name.clone(), self.take(name, expected)?)),
             None => Err(TrainerError::MissingTensor {
                 name: names.first().cloned().unwrap_or_default(),
                 location: self.location.clone(),

@@ -10,15 +10,15 @@ use crate::checkpoint::Checkpoint;
 use crate::config::Gpt2Config;
 use crate::error::Result;
 use crate::model::{
-    CacheSlots, Dims, ForwardOptions, Linear, WeightLayout, causal_attention, extend_cache,
-    layer_norm, merge_heads, split_heads, upload,
+    CacheSlots, Dims, ForwardOptions, Linear, Weight, WeightLayout, causal_attention, extend_cache,
+    layer_norm, merge_heads, split_heads,
 };
 
 struct Block {
-    ln_1: (Tensor<2>, Tensor<2>),
+    ln_1: (Weight, Weight),
     c_attn: Linear,
     attn_c_proj: Linear,
-    ln_2: (Tensor<2>, Tensor<2>),
+    ln_2: (Weight, Weight),
     c_fc: Linear,
     mlp_c_proj: Linear,
 }
@@ -26,14 +26,12 @@ struct Block {
 /// A GPT-2 model on a burn device.
 pub struct Gpt2 {
     cfg: Gpt2Config,
-    /// `[vocab, n_embd]`.
-    wte: Tensor<2>,
+    /// `[vocab, n_embd]`, also the output head.
+    wte: Weight,
     /// `[n_positions, n_embd]`.
-    wpe: Tensor<2>,
+    wpe: Weight,
     blocks: Vec<Block>,
-    ln_f: (Tensor<2>, Tensor<2>),
-    /// `[n_embd, vocab]`, the transposed `wte`.
-    lm_head: Tensor<2>,
+    ln_f: (Weight, Weight),
 }
 
 /// The names a tensor may have: with the `transformer.` prefix and without.
@@ -45,10 +43,10 @@ impl Gpt2 {
     /// Takes the model's tensors out of `ck`.
     pub(crate) fn load(cfg: &Gpt2Config, ck: &mut Checkpoint, device: &Device) -> Result<Self> {
         let e = cfg.n_embd;
-        let norm = |ck: &mut Checkpoint, name: &str| -> Result<(Tensor<2>, Tensor<2>)> {
-            let w = ck.take_first(&names(&format!("{name}.weight")), &[e])?;
-            let b = ck.take_first(&names(&format!("{name}.bias")), &[e])?;
-            Ok((upload(w, [1, e], device), upload(b, [1, e], device)))
+        let norm = |ck: &mut Checkpoint, name: &str| -> Result<(Weight, Weight)> {
+            let w = Weight::load(ck, &names(&format!("{name}.weight")), &[e], false, device)?;
+            let b = Weight::load(ck, &names(&format!("{name}.bias")), &[e], false, device)?;
+            Ok((w, b))
         };
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
@@ -77,33 +75,33 @@ impl Gpt2 {
                 mlp_c_proj: linear("mlp.c_proj", cfg.n_inner, e)?,
             });
         }
-        let ln_f = norm(ck, "ln_f")?;
-        let wte = upload(
-            ck.take_first(&names("wte.weight"), &[cfg.vocab_size, e])?,
-            [cfg.vocab_size, e],
-            device,
-        );
-        let wpe = upload(
-            ck.take_first(&names("wpe.weight"), &[cfg.n_positions, e])?,
-            [cfg.n_positions, e],
-            device,
-        );
         Ok(Self {
             cfg: cfg.clone(),
-            lm_head: wte.clone().transpose(),
-            wte,
-            wpe,
+            ln_f: norm(ck, "ln_f")?,
+            wte: Weight::load(
+                ck,
+                &names("wte.weight"),
+                &[cfg.vocab_size, e],
+                false,
+                device,
+            )?,
+            wpe: Weight::load(
+                ck,
+                &names("wpe.weight"),
+                &[cfg.n_positions, e],
+                false,
+                device,
+            )?,
             blocks,
-            ln_f,
         })
     }
 
     pub(crate) fn map_weights(&self, f: &dyn Fn(Tensor<2>) -> Tensor<2>) -> Self {
-        let pair = |(w, b): &(Tensor<2>, Tensor<2>)| (f(w.clone()), f(b.clone()));
+        let pair = |(w, b): &(Weight, Weight)| (w.map(f), b.map(f));
         Self {
             cfg: self.cfg.clone(),
-            wte: f(self.wte.clone()),
-            wpe: f(self.wpe.clone()),
+            wte: self.wte.map(f),
+            wpe: self.wpe.map(f),
             blocks: self
                 .blocks
                 .iter()
@@ -117,8 +115,20 @@ impl Gpt2 {
                 })
                 .collect(),
             ln_f: pair(&self.ln_f),
-            lm_head: f(self.lm_head.clone()),
         }
+    }
+
+    /// Every weight, each once.
+    pub(crate) fn weights(&self) -> Vec<&Weight> {
+        let mut out = vec![&self.wte, &self.wpe];
+        for b in &self.blocks {
+            out.extend([&b.ln_1.0, &b.ln_1.1, &b.ln_2.0, &b.ln_2.1]);
+            for l in [&b.c_attn, &b.attn_c_proj, &b.c_fc, &b.mlp_c_proj] {
+                out.extend(l.weights());
+            }
+        }
+        out.extend([&self.ln_f.0, &self.ln_f.1]);
+        out
     }
 
     /// Final hidden states `[batch * seq, n_embd]`.
@@ -130,19 +140,34 @@ impl Gpt2 {
         mut cache: CacheSlots<'_>,
     ) -> Tensor<2> {
         let e = self.cfg.n_embd;
-        let tokens = self.wte.clone().select(0, ids).reshape([d.batch, d.seq, e]);
-        let positions = self.wpe.clone().narrow(0, d.offset, d.seq).unsqueeze::<3>();
+        let tokens = self
+            .wte
+            .tensor
+            .clone()
+            .select(0, ids)
+            .reshape([d.batch, d.seq, e]);
+        let positions = self
+            .wpe
+            .tensor
+            .clone()
+            .narrow(0, d.offset, d.seq)
+            .unsqueeze::<3>();
         let mut x = (tokens + positions).reshape([d.batch * d.seq, e]);
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c[i]);
             x = self.block(i, block, x, d, opts, slot);
         }
-        layer_norm(x, &self.ln_f.0, &self.ln_f.1, self.cfg.layer_norm_epsilon)
+        layer_norm(
+            x,
+            &self.ln_f.0.tensor,
+            &self.ln_f.1.tensor,
+            self.cfg.layer_norm_epsilon,
+        )
     }
 
     /// Logits `[rows, vocab]`.
     pub(crate) fn head(&self, hidden: Tensor<2>) -> Tensor<2> {
-        hidden.matmul(self.lm_head.clone())
+        hidden.matmul(self.wte.tensor.clone().transpose())
     }
 
     fn block(
@@ -157,7 +182,12 @@ impl Gpt2 {
         let c = &self.cfg;
         let (e, heads) = (c.n_embd, c.n_head);
         let hd = e / heads;
-        let h = layer_norm(x.clone(), &b.ln_1.0, &b.ln_1.1, c.layer_norm_epsilon);
+        let h = layer_norm(
+            x.clone(),
+            &b.ln_1.0.tensor,
+            &b.ln_1.1.tensor,
+            c.layer_norm_epsilon,
+        );
         let qkv = b.c_attn.forward(h, opts);
         let q = split_heads(qkv.clone().narrow(1, 0, e), d, heads, hd);
         let k = split_heads(qkv.clone().narrow(1, e, e), d, heads, hd);
@@ -173,7 +203,12 @@ impl Gpt2 {
         }
         let attn = causal_attention(q, k, v, d.offset, scale);
         let x = x + b.attn_c_proj.forward(merge_heads(attn, d), opts);
-        let h = layer_norm(x.clone(), &b.ln_2.0, &b.ln_2.1, c.layer_norm_epsilon);
+        let h = layer_norm(
+            x.clone(),
+            &b.ln_2.0.tensor,
+            &b.ln_2.1.tensor,
+            c.layer_norm_epsilon,
+        );
         let h = b.c_fc.forward(h, opts);
         let h = if c.gelu_tanh {
             gelu_approximate(h)

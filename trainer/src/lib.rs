@@ -4,6 +4,7 @@
 //! generation.
 
 pub mod aggregate;
+pub mod builtin;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -16,5 +17,7 @@ pub mod gpt2;
 pub mod llama;
 pub mod lora;
 pub mod model;
+pub mod optim;
+pub mod pretrain;
 pub mod tensors;
 pub mod train;

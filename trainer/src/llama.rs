@@ -10,33 +10,47 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::Result;
 use crate::model::{
-    CacheSlots, Dims, ForwardOptions, Linear, WeightLayout, causal_attention, extend_cache,
-    merge_heads, rms_norm, split_heads, upload,
+    CacheSlots, Dims, ForwardOptions, Linear, Weight, WeightLayout, causal_attention, extend_cache,
+    merge_heads, rms_norm, split_heads,
 };
 
 /// One transformer block.
 struct Block {
-    input_norm: Tensor<2>,
+    input_norm: Weight,
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    post_attention_norm: Tensor<2>,
+    post_attention_norm: Weight,
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+}
+
+impl Block {
+    fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
 }
 
 /// A Llama-family model on a burn device.
 pub struct Llama {
     cfg: LlamaConfig,
     /// `[vocab, hidden]`.
-    embed_tokens: Tensor<2>,
+    embed_tokens: Weight,
     blocks: Vec<Block>,
     /// `[1, hidden]`.
-    norm: Tensor<2>,
-    /// `[hidden, vocab]`: the transposed embedding when tied.
-    lm_head: Tensor<2>,
+    norm: Weight,
+    /// `[vocab, hidden]`; `None` when the head is tied to the embedding.
+    lm_head: Option<Weight>,
     /// RoPE inverse frequencies, `head_dim / 2` of them, scaling applied.
     inv_freq: Vec<f64>,
 }
@@ -49,7 +63,15 @@ impl Llama {
             cfg.num_attention_heads * cfg.head_dim,
             cfg.num_key_value_heads * cfg.head_dim,
         );
-        let embed = ck.take("model.embed_tokens.weight", &[v, h])?;
+        let vector =
+            |ck: &mut Checkpoint, name: String| Weight::load(ck, &[name], &[h], false, device);
+        let embed_tokens = Weight::load(
+            ck,
+            &["model.embed_tokens.weight".into()],
+            &[v, h],
+            false,
+            device,
+        )?;
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -73,36 +95,30 @@ impl Llama {
             let gate_proj = linear("mlp.gate_proj", h, cfg.intermediate_size, cfg.mlp_bias)?;
             let up_proj = linear("mlp.up_proj", h, cfg.intermediate_size, cfg.mlp_bias)?;
             let down_proj = linear("mlp.down_proj", cfg.intermediate_size, h, cfg.mlp_bias)?;
-            let input_norm = upload(
-                ck.take(&format!("{p}.input_layernorm.weight"), &[h])?,
-                [1, h],
-                device,
-            );
-            let post_attention_norm = upload(
-                ck.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                [1, h],
-                device,
-            );
             blocks.push(Block {
-                input_norm,
+                input_norm: vector(ck, format!("{p}.input_layernorm.weight"))?,
                 q_proj,
                 k_proj,
                 v_proj,
                 o_proj,
-                post_attention_norm,
+                post_attention_norm: vector(ck, format!("{p}.post_attention_layernorm.weight"))?,
                 gate_proj,
                 up_proj,
                 down_proj,
             });
         }
-        let norm = upload(ck.take("model.norm.weight", &[h])?, [1, h], device);
-        let embed_tokens = upload(embed, [v, h], device);
+        let norm = vector(ck, "model.norm.weight".into())?;
         // Some tied checkpoints still carry a copy of the head; the embedding is authoritative.
         let lm_head = if cfg.tie_word_embeddings {
-            embed_tokens.clone().transpose()
+            None
         } else {
-            let head = ck.take("lm_head.weight", &[v, h])?;
-            upload(head, [v, h], device).transpose()
+            Some(Weight::load(
+                ck,
+                &["lm_head.weight".into()],
+                &[v, h],
+                false,
+                device,
+            )?)
         };
         Ok(Self {
             cfg: cfg.clone(),
@@ -117,26 +133,39 @@ impl Llama {
     pub(crate) fn map_weights(&self, f: &dyn Fn(Tensor<2>) -> Tensor<2>) -> Self {
         Self {
             cfg: self.cfg.clone(),
-            embed_tokens: f(self.embed_tokens.clone()),
+            embed_tokens: self.embed_tokens.map(f),
             blocks: self
                 .blocks
                 .iter()
                 .map(|b| Block {
-                    input_norm: f(b.input_norm.clone()),
+                    input_norm: b.input_norm.map(f),
                     q_proj: b.q_proj.map_weights(f),
                     k_proj: b.k_proj.map_weights(f),
                     v_proj: b.v_proj.map_weights(f),
                     o_proj: b.o_proj.map_weights(f),
-                    post_attention_norm: f(b.post_attention_norm.clone()),
+                    post_attention_norm: b.post_attention_norm.map(f),
                     gate_proj: b.gate_proj.map_weights(f),
                     up_proj: b.up_proj.map_weights(f),
                     down_proj: b.down_proj.map_weights(f),
                 })
                 .collect(),
-            norm: f(self.norm.clone()),
-            lm_head: f(self.lm_head.clone()),
+            norm: self.norm.map(f),
+            lm_head: self.lm_head.as_ref().map(|w| w.map(f)),
             inv_freq: self.inv_freq.clone(),
         }
+    }
+
+    /// Every weight, each once (a tied head is the embedding).
+    pub(crate) fn weights(&self) -> Vec<&Weight> {
+        let mut out = vec![&self.embed_tokens];
+        for b in &self.blocks {
+            out.push(&b.input_norm);
+            out.push(&b.post_attention_norm);
+            out.extend(b.linears().into_iter().flat_map(Linear::weights));
+        }
+        out.push(&self.norm);
+        out.extend(self.lm_head.as_ref());
+        out
     }
 
     /// Final hidden states `[batch * seq, hidden]`.
@@ -148,18 +177,19 @@ impl Llama {
         mut cache: CacheSlots<'_>,
     ) -> Tensor<2> {
         let device = ids.device();
-        let mut x = self.embed_tokens.clone().select(0, ids);
+        let mut x = self.embed_tokens.tensor.clone().select(0, ids);
         let (cos, sin) = self.rope_tables(d, &device);
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c[i]);
             x = self.block(block, x, d, &cos, &sin, opts, slot);
         }
-        rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
+        rms_norm(x, &self.norm.tensor, self.cfg.rms_norm_eps)
     }
 
     /// Logits `[rows, vocab]`.
     pub(crate) fn head(&self, hidden: Tensor<2>) -> Tensor<2> {
-        hidden.matmul(self.lm_head.clone())
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        hidden.matmul(head.tensor.clone().transpose())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -174,7 +204,7 @@ impl Llama {
         slot: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
     ) -> Tensor<2> {
         let c = &self.cfg;
-        let h = rms_norm(x.clone(), &b.input_norm, c.rms_norm_eps);
+        let h = rms_norm(x.clone(), &b.input_norm.tensor, c.rms_norm_eps);
         let q = split_heads(
             b.q_proj.forward(h.clone(), opts),
             d,
@@ -198,7 +228,7 @@ impl Llama {
         let (k, v) = extend_cache(slot, k, v);
         let attn = causal_attention(q, k, v, d.offset, 1.0 / (c.head_dim as f64).sqrt());
         let x = x + b.o_proj.forward(merge_heads(attn, d), opts);
-        let h = rms_norm(x.clone(), &b.post_attention_norm, c.rms_norm_eps);
+        let h = rms_norm(x.clone(), &b.post_attention_norm.tensor, c.rms_norm_eps);
         let gated = silu(b.gate_proj.forward(h.clone(), opts)) * b.up_proj.forward(h, opts);
         x + b.down_proj.forward(gated, opts)
     }

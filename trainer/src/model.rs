@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use burn::tensor::activation::{log_softmax, softmax};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Gradients, Int, Tensor, TensorData};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -14,7 +14,7 @@ use crate::error::{Result, TrainerError};
 use crate::gpt2::Gpt2;
 use crate::llama::Llama;
 use crate::lora::{DeviceLora, LoraConfig, LoraSite};
-use crate::tensors::HostTensor;
+use crate::tensors::{HostTensor, NamedTensors};
 
 /// A batch of token sequences of equal length, row-major `[batch, seq]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,6 +142,44 @@ impl CausalLm {
             arch,
             device,
         }
+    }
+
+    /// The same weights, all trainable: on an autodiff device and requiring gradients (for
+    /// pretraining; LoRA training keeps the base frozen with [`CausalLm::to_autodiff`]).
+    pub fn to_trainable(&self) -> Self {
+        let device = self.device.clone().autodiff();
+        let f = |t: Tensor<2>| t.autodiff().require_grad();
+        let arch = match &self.arch {
+            Arch::Llama(m) => Arch::Llama(Box::new(m.map_weights(&f))),
+            Arch::Gpt2(m) => Arch::Gpt2(Box::new(m.map_weights(&f))),
+        };
+        Self {
+            config: self.config.clone(),
+            arch,
+            device,
+        }
+    }
+
+    fn weights(&self) -> Vec<&Weight> {
+        match &self.arch {
+            Arch::Llama(m) => m.weights(),
+            Arch::Gpt2(m) => m.weights(),
+        }
+    }
+
+    /// The gradient of every weight after `backward` on a [`CausalLm::to_trainable`] model, in
+    /// the checkpoint's names and layouts (zeros for weights the loss did not reach).
+    pub fn weight_grads(&self, grads: &Gradients) -> Result<NamedTensors> {
+        self.weights()
+            .into_iter()
+            .map(|w| {
+                let host = match w.tensor.grad(grads) {
+                    Some(g) => w.to_stored(g)?,
+                    None => HostTensor::zeros(w.stored_shape.clone()),
+                };
+                Ok((w.name.clone(), host))
+            })
+            .collect()
     }
 
     /// The layers `lora` adapts, in model order.
@@ -279,11 +317,83 @@ pub(crate) struct Dims {
 /// Per-layer KV cache slots handed to an architecture's forward pass.
 pub(crate) type CacheSlots<'a> = Option<&'a mut [Option<(Tensor<4>, Tensor<4>)>]>;
 
+/// A tensor of the model together with the checkpoint name and layout it came from, so
+/// that gradients and trained values can be written back under Hugging Face names.
+#[derive(Clone)]
+pub(crate) struct Weight {
+    /// Name in the checkpoint.
+    pub name: String,
+    /// Shape in the checkpoint.
+    pub stored_shape: Vec<usize>,
+    /// Whether the device tensor is the stored matrix transposed.
+    pub transposed: bool,
+    /// The device tensor, always rank 2 (vectors are `[1, n]`).
+    pub tensor: Tensor<2>,
+}
+
+impl Weight {
+    /// Takes the first of `names` with shape `shape`, transposing it when `transpose` (a
+    /// `[out, in]` matrix becomes `[in, out]` so that `x·W` reads it contiguously).
+    pub fn load(
+        ck: &mut Checkpoint,
+        names: &[String],
+        shape: &[usize],
+        transpose: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let (name, host) = ck.take_first(names, shape)?;
+        let host = if transpose {
+            transpose_host(host)
+        } else {
+            host
+        };
+        let dims = match host.shape.as_slice() {
+            [n] => [1, *n],
+            [r, c] => [*r, *c],
+            other => {
+                return Err(TrainerError::InvalidInput(format!(
+                    "tensor {name:?} has rank {}, expected 1 or 2",
+                    other.len()
+                )));
+            }
+        };
+        Ok(Self {
+            name,
+            stored_shape: shape.to_vec(),
+            transposed: transpose,
+            tensor: upload(host, dims, device),
+        })
+    }
+
+    /// The same weight with its tensor passed through `f`.
+    pub fn map(&self, f: &dyn Fn(Tensor<2>) -> Tensor<2>) -> Self {
+        Self {
+            tensor: f(self.tensor.clone()),
+            ..self.clone()
+        }
+    }
+
+    /// A device tensor shaped like this weight (its value or its gradient) in the
+    /// checkpoint's layout, on the host.
+    pub fn to_stored(&self, t: Tensor<2>) -> Result<HostTensor> {
+        let host = download(t)?;
+        let host = if self.transposed {
+            transpose_host(host)
+        } else {
+            host
+        };
+        Ok(HostTensor {
+            shape: self.stored_shape.clone(),
+            data: host.data,
+        })
+    }
+}
+
 /// A dense layer `x·W + b` with `W` kept `[in, out]`, plus the LoRA update of its module path.
 pub(crate) struct Linear {
     pub path: String,
-    weight: Tensor<2>,
-    bias: Option<Tensor<2>>,
+    pub weight: Weight,
+    pub bias: Option<Weight>,
 }
 
 /// How a checkpoint stores a dense weight.
@@ -296,7 +406,8 @@ pub(crate) enum WeightLayout {
 }
 
 impl Linear {
-    /// Loads `{name}.weight` (and `{name}.bias` when `bias`) for the module at `path`.
+    /// Loads `{name}.weight` (and `{name}.bias` when `bias`) for the module at `path`, trying
+    /// each of `names` (checkpoints differ in prefixes).
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         ck: &mut Checkpoint,
@@ -308,26 +419,39 @@ impl Linear {
         bias: bool,
         device: &Device,
     ) -> Result<Self> {
-        let weight_names: Vec<String> = names.iter().map(|n| format!("{n}.weight")).collect();
+        let with = |suffix: &str| -> Vec<String> {
+            names.iter().map(|n| format!("{n}.{suffix}")).collect()
+        };
         let weight = match layout {
-            WeightLayout::OutIn => {
-                transpose(ck.take_first(&weight_names, &[out_features, in_features])?)
-            }
-            WeightLayout::InOut => ck.take_first(&weight_names, &[in_features, out_features])?,
+            WeightLayout::OutIn => Weight::load(
+                ck,
+                &with("weight"),
+                &[out_features, in_features],
+                true,
+                device,
+            )?,
+            WeightLayout::InOut => Weight::load(
+                ck,
+                &with("weight"),
+                &[in_features, out_features],
+                false,
+                device,
+            )?,
         };
         let bias = if bias {
-            let bias_names: Vec<String> = names.iter().map(|n| format!("{n}.bias")).collect();
-            Some(upload(
-                ck.take_first(&bias_names, &[out_features])?,
-                [1, out_features],
+            Some(Weight::load(
+                ck,
+                &with("bias"),
+                &[out_features],
+                false,
                 device,
-            ))
+            )?)
         } else {
             None
         };
         Ok(Self {
             path: path.to_owned(),
-            weight: upload(weight, [in_features, out_features], device),
+            weight,
             bias,
         })
     }
@@ -335,9 +459,9 @@ impl Linear {
     /// `x` is `[rows, in]`; returns `[rows, out]`.
     pub fn forward(&self, x: Tensor<2>, opts: ForwardOptions<'_>) -> Tensor<2> {
         let update = opts.lora.and_then(|l| l.apply(&self.path, x.clone()));
-        let mut y = x.matmul(self.weight.clone());
+        let mut y = x.matmul(self.weight.tensor.clone());
         if let Some(b) = &self.bias {
-            y = y + b.clone();
+            y = y + b.tensor.clone();
         }
         match update {
             Some(u) => y + u,
@@ -348,14 +472,18 @@ impl Linear {
     pub fn map_weights(&self, f: &dyn Fn(Tensor<2>) -> Tensor<2>) -> Self {
         Self {
             path: self.path.clone(),
-            weight: f(self.weight.clone()),
-            bias: self.bias.clone().map(f),
+            weight: self.weight.map(f),
+            bias: self.bias.as_ref().map(|b| b.map(f)),
         }
+    }
+
+    pub fn weights(&self) -> impl Iterator<Item = &Weight> {
+        std::iter::once(&self.weight).chain(self.bias.as_ref())
     }
 }
 
-/// `[rows, cols]` → `[cols, rows]` on the host, so that weights are contiguous for `x·W`.
-fn transpose(t: HostTensor) -> HostTensor {
+/// `[rows, cols]` → `[cols, rows]` on the host.
+fn transpose_host(t: HostTensor) -> HostTensor {
     let (r, c) = (t.shape[0], t.shape[1]);
     let mut out = vec![0.0f32; r * c];
     for i in 0..r {

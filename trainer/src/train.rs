@@ -23,6 +23,7 @@ use crate::data::Shard;
 use crate::error::{Result, TrainerError};
 use crate::lora::{Adapter, DeviceLora, LoraConfig, LoraSite};
 use crate::model::{CausalLm, ForwardOptions, TokenBatch, download};
+use crate::optim::{AdamW, Moments, clip_grad_norm};
 use crate::tensors::{HostTensor, NamedTensors, hash_into};
 
 /// The settings of one lease's local training.
@@ -72,6 +73,17 @@ impl Default for TrainSpec {
 }
 
 impl TrainSpec {
+    /// The AdamW settings of these steps.
+    pub fn adamw(&self) -> AdamW {
+        AdamW {
+            lr: self.learning_rate,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+
     /// Checks the settings; the message names the field.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.inner_steps == 0 {
@@ -113,38 +125,36 @@ impl TrainSpec {
 /// The complete LoRA training state: what a commitment hashes and a challenge answers with.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraState {
-    /// Optimizer steps taken so far.
-    pub step: u64,
     /// LoRA tensors under PEFT names.
     pub params: NamedTensors,
-    /// AdamW first moments, same names.
-    pub exp_avg: NamedTensors,
-    /// AdamW second moments, same names.
-    pub exp_avg_sq: NamedTensors,
+    /// AdamW step count and moments, same names.
+    pub moments: Moments,
 }
 
 impl LoraState {
     /// The state before the first step of a lease: the module version's tensors, zero moments.
     pub fn start(adapter: &Adapter) -> Self {
-        let zeros: NamedTensors = adapter
-            .tensors
-            .iter()
-            .map(|(n, t)| (n.clone(), HostTensor::zeros(t.shape.clone())))
-            .collect();
         Self {
-            step: 0,
+            moments: Moments::zeros_like(&adapter.tensors),
             params: adapter.tensors.clone(),
-            exp_avg: zeros.clone(),
-            exp_avg_sq: zeros,
         }
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn step(&self) -> u64 {
+        self.moments.step
     }
 
     /// blake3 of the step and every tensor, in canonical (name) order.
     pub fn hash(&self) -> blake3::Hash {
         let mut h = blake3::Hasher::new();
         h.update(b"swarmtune-lora-state-v1");
-        h.update(&self.step.to_le_bytes());
-        for part in [&self.params, &self.exp_avg, &self.exp_avg_sq] {
+        h.update(&self.step().to_le_bytes());
+        for part in [
+            &self.params,
+            &self.moments.exp_avg,
+            &self.moments.exp_avg_sq,
+        ] {
             hash_into(&mut h, part);
         }
         h.finalize()
@@ -156,8 +166,8 @@ impl LoraState {
         let mut all = NamedTensors::new();
         for (prefix, part) in [
             ("param.", &self.params),
-            ("exp_avg.", &self.exp_avg),
-            ("exp_avg_sq.", &self.exp_avg_sq),
+            ("exp_avg.", &self.moments.exp_avg),
+            ("exp_avg_sq.", &self.moments.exp_avg_sq),
         ] {
             for (n, t) in part {
                 all.insert(format!("{prefix}{n}"), t.clone());
@@ -166,7 +176,7 @@ impl LoraState {
         let mut meta = BTreeMap::new();
         meta.insert("format".into(), "swarmtune-lora-state".into());
         meta.insert("version".into(), "1".into());
-        meta.insert("step".into(), self.step.to_string());
+        meta.insert("step".into(), self.step().to_string());
         Ok(safetensors_bytes(&all, &meta))
     }
 
@@ -234,10 +244,12 @@ impl LoraState {
         }
         let [params, exp_avg, exp_avg_sq] = parts;
         Ok(Self {
-            step,
             params,
-            exp_avg,
-            exp_avg_sq,
+            moments: Moments {
+                step,
+                exp_avg,
+                exp_avg_sq,
+            },
         })
     }
 }
@@ -406,6 +418,11 @@ impl<'a> LeaseData<'a> {
             }
         }
         out
+    }
+
+    /// Step `step`'s batch of `batch` sequences and their loss masks.
+    pub fn batch(&self, seed: u64, step: usize, batch: usize) -> (TokenBatch, Vec<u8>) {
+        self.gather(&self.batch_positions(seed, step, batch))
     }
 
     fn gather(&self, positions: &[usize]) -> (TokenBatch, Vec<u8>) {
@@ -586,13 +603,14 @@ impl<'m> LocalTrainer<'m> {
         to_step: u64,
     ) -> Result<LoraState> {
         spec.validate().map_err(TrainerError::InvalidInput)?;
-        if to_step < state.step || to_step > spec.inner_steps as u64 {
+        if to_step < state.step() || to_step > spec.inner_steps as u64 {
             return Err(TrainerError::InvalidInput(format!(
                 "cannot replay from step {} to step {to_step} of a {}-step lease",
-                state.step, spec.inner_steps
+                state.step(),
+                spec.inner_steps
             )));
         }
-        while state.step < to_step {
+        while state.step() < to_step {
             self.step(&mut state, data, spec)?;
         }
         Ok(state)
@@ -607,12 +625,12 @@ impl<'m> LocalTrainer<'m> {
         data: &LeaseData<'_>,
         spec: &TrainSpec,
     ) -> Result<(f32, usize)> {
-        let step = state.step as usize;
+        let step = state.step() as usize;
         let positions = data.batch_positions(spec.seed, step, spec.batch_size);
         let mut parts = Vec::new();
         for (i, chunk) in positions.chunks(spec.micro_batch).enumerate() {
             let (batch, mask) = data.gather(chunk);
-            let dropout_seed = mix(mix(spec.seed, state.step), i as u64 + 1);
+            let dropout_seed = mix(mix(spec.seed, state.step()), i as u64 + 1);
             match self.loss_and_grads(&state.params, &batch, Some(&mask), dropout_seed) {
                 Ok(part) => parts.push(part),
                 // A micro-batch of padding only has nothing to learn from.
@@ -622,7 +640,7 @@ impl<'m> LocalTrainer<'m> {
         }
         let total: usize = parts.iter().map(|p| p.1).sum();
         if total == 0 {
-            state.step += 1;
+            state.moments.step += 1;
             return Ok((0.0, 0));
         }
         let mut grads = NamedTensors::new();
@@ -645,23 +663,17 @@ impl<'m> LocalTrainer<'m> {
             )));
         }
         if let Some(max) = spec.max_grad_norm {
-            let norm = crate::tensors::norm(&grads) as f32;
-            if norm > max {
-                let scale = max / (norm + 1e-6);
-                grads
-                    .values_mut()
-                    .flat_map(|g| g.data.iter_mut())
-                    .for_each(|v| *v *= scale);
-            }
+            clip_grad_norm(&mut grads, max);
         }
-        adamw(state, &grads, spec);
+        spec.adamw()
+            .step(&mut state.params, &mut state.moments, &grads, |_| true);
         Ok((loss as f32, total))
     }
 }
 
 fn commit(state: &LoraState) -> Commitment {
     Commitment {
-        step: state.step,
+        step: state.step(),
         state_hash: *state.hash().as_bytes(),
     }
 }
@@ -681,31 +693,4 @@ pub fn subtract(a: &NamedTensors, b: &NamedTensors) -> NamedTensors {
             ))
         })
         .collect()
-}
-
-/// One AdamW step with PyTorch's semantics (decoupled decay, bias correction), in place.
-fn adamw(state: &mut LoraState, grads: &NamedTensors, spec: &TrainSpec) {
-    state.step += 1;
-    let t = state.step as i32;
-    let bc1 = 1.0 - spec.beta1.powi(t);
-    let bc2 = 1.0 - spec.beta2.powi(t);
-    let step_size = spec.learning_rate / bc1;
-    let bc2_sqrt = bc2.sqrt();
-    for (name, g) in grads {
-        let (Some(p), Some(m), Some(v)) = (
-            state.params.get_mut(name),
-            state.exp_avg.get_mut(name),
-            state.exp_avg_sq.get_mut(name),
-        ) else {
-            continue;
-        };
-        for i in 0..g.data.len() {
-            let gi = g.data[i];
-            p.data[i] *= 1.0 - spec.learning_rate * spec.weight_decay;
-            m.data[i] = spec.beta1 * m.data[i] + (1.0 - spec.beta1) * gi;
-            v.data[i] = spec.beta2 * v.data[i] + (1.0 - spec.beta2) * gi * gi;
-            let denom = v.data[i].sqrt() / bc2_sqrt + spec.eps;
-            p.data[i] -= step_size * m.data[i] / denom;
-        }
-    }
 }

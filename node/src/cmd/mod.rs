@@ -2,6 +2,7 @@
 
 mod generate;
 mod inspect;
+mod pretrain;
 
 use crate::cli::{Cli, Command, InspectCommand};
 
@@ -11,5 +12,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(InspectCommand::Logits(args)) => inspect::logits(args),
         Command::Inspect(InspectCommand::Grads(args)) => inspect::grads(args),
         Command::Generate(args) => generate::run(args),
+        Command::Pretrain(args) => pretrain::run(args),
     }
 }

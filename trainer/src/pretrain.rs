@@ -1,0 +1,539 @@
+//! Pretraining a small Llama-architecture base from scratch, from a recipe: the byte-level
+//! tokenizer, the generated corpus, random initialisation, full-weight AdamW with warmup and
+//! cosine decay, periodic held-out evaluation, and a Hugging Face directory as the result
+//! (`config.json`, `model.safetensors`, `tokenizer.json`) that transformers loads unchanged.
+//! This is how the built-in base that ships with swarmtune was made.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+use crate::builtin::corpus;
+use crate::checkpoint::{Checkpoint, write_atomic, write_safetensors};
+use crate::config::{LlamaConfig, ModelConfig, RopeScaling};
+use crate::data::{Example, ShardPlan, build_shards};
+use crate::error::{Result, TrainerError};
+use crate::eval::eval_loss;
+use crate::model::{CausalLm, ForwardOptions};
+use crate::optim::{AdamW, Moments, clip_grad_norm};
+use crate::tensors::{HostTensor, NamedTensors};
+use crate::train::LeaseData;
+
+/// The end-of-text token of the byte-level tokenizer.
+pub const EOS_TOKEN: &str = "<|endoftext|>";
+
+/// A pretraining recipe, as written in a TOML file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// The architecture.
+    pub model: BaseShape,
+    /// The corpus.
+    pub corpus: CorpusRecipe,
+    /// The optimisation.
+    pub train: PretrainSettings,
+}
+
+/// The shape of a Llama-architecture base with a byte-level vocabulary.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseShape {
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Transformer blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads.
+    pub num_key_value_heads: usize,
+    /// SwiGLU width.
+    pub intermediate_size: usize,
+    /// Context the model is trained for.
+    pub max_position_embeddings: usize,
+    /// RoPE base.
+    pub rope_theta: f64,
+}
+
+/// Where the text comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorpusRecipe {
+    /// Seed of the generated corpus.
+    pub seed: u64,
+    /// Number of generated documents.
+    pub documents: usize,
+    /// Share of documents held out for evaluation.
+    pub eval_fraction: f32,
+}
+
+/// How long and how fast to train.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainSettings {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: u32,
+    /// Peak learning rate.
+    pub learning_rate: f32,
+    /// Learning rate at the end of the cosine decay.
+    pub min_learning_rate: f32,
+    /// Linear warmup steps.
+    pub warmup_steps: usize,
+    /// Decoupled weight decay on matrices.
+    pub weight_decay: f32,
+    /// Gradient-norm clip.
+    pub max_grad_norm: f32,
+    /// Seed of the initialisation and the batch order.
+    pub seed: u64,
+    /// Evaluate on the held-out split every this many steps.
+    pub eval_every: usize,
+}
+
+impl Recipe {
+    /// Reads and checks a recipe file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+        let recipe: Self =
+            toml::from_str(&text).map_err(|e| TrainerError::config(path, e.to_string()))?;
+        recipe
+            .validate()
+            .map_err(|e| TrainerError::config(path, e))?;
+        Ok(recipe)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let m = &self.model;
+        if m.hidden_size == 0 || m.num_hidden_layers == 0 || m.intermediate_size == 0 {
+            return Err("model sizes must be positive".into());
+        }
+        if m.num_attention_heads == 0 || !m.hidden_size.is_multiple_of(m.num_attention_heads) {
+            return Err("hidden_size must be a multiple of num_attention_heads".into());
+        }
+        if m.num_key_value_heads == 0
+            || !m.num_attention_heads.is_multiple_of(m.num_key_value_heads)
+        {
+            return Err("num_attention_heads must be a multiple of num_key_value_heads".into());
+        }
+        if !(m.hidden_size / m.num_attention_heads).is_multiple_of(2) {
+            return Err("the head width must be even for RoPE".into());
+        }
+        let t = &self.train;
+        if t.steps == 0 || t.batch_size == 0 || t.seq_len < 2 || t.eval_every == 0 {
+            return Err(
+                "train.steps, batch_size, eval_every must be positive and seq_len at least 2"
+                    .into(),
+            );
+        }
+        if t.seq_len as usize > m.max_position_embeddings {
+            return Err("train.seq_len exceeds model.max_position_embeddings".into());
+        }
+        if !(t.learning_rate > 0.0
+            && t.min_learning_rate >= 0.0
+            && t.min_learning_rate <= t.learning_rate)
+        {
+            return Err("need 0 ≤ min_learning_rate ≤ learning_rate and learning_rate > 0".into());
+        }
+        if self.corpus.documents < 10
+            || !(0.0..0.5).contains(&self.corpus.eval_fraction)
+            || self.corpus.eval_fraction == 0.0
+        {
+            return Err(
+                "corpus needs at least 10 documents and an eval_fraction in (0, 0.5)".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The learning rate of step `step` (0-based): linear warmup, then cosine decay.
+    pub fn learning_rate(&self, step: usize) -> f32 {
+        let t = &self.train;
+        if step < t.warmup_steps {
+            return t.learning_rate * (step + 1) as f32 / t.warmup_steps as f32;
+        }
+        let span = (t.steps - t.warmup_steps).max(1) as f32;
+        let progress = ((step - t.warmup_steps) as f32 / span).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f32::consts::PI * progress).cos());
+        t.min_learning_rate + (t.learning_rate - t.min_learning_rate) * cosine
+    }
+}
+
+/// A byte-level tokenizer: one token per byte (GPT-2's byte-to-character alphabet, no merges)
+/// plus the end-of-text token. Any text encodes, and transformers loads it as a fast tokenizer.
+pub fn byte_level_tokenizer() -> Result<Tokenizer> {
+    let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort_unstable();
+    let vocab: tokenizers::models::bpe::Vocab = alphabet
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, Vec::new())
+        .build()
+        .map_err(|e| TrainerError::InvalidInput(format!("byte-level vocabulary: {e}")))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
+    tokenizer.with_decoder(Some(ByteLevel::new(false, false, false)));
+    tokenizer.add_special_tokens(&[tokenizers::AddedToken::from(EOS_TOKEN, true)]);
+    Ok(tokenizer)
+}
+
+/// One evaluation during pretraining.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalPoint {
+    /// Steps taken.
+    pub step: usize,
+    /// Mean training loss over the steps since the last point.
+    pub train_loss: f64,
+    /// Held-out loss.
+    pub eval_loss: f64,
+}
+
+/// What a pretraining run did; written next to the model as `pretrain_report.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PretrainReport {
+    /// Parameters of the model.
+    pub parameters: usize,
+    /// Steps taken.
+    pub steps: usize,
+    /// Tokens trained on.
+    pub tokens: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// CPU threads used.
+    pub threads: usize,
+    /// burn backend.
+    pub backend: String,
+    /// Evaluations along the way; the last is the final eval loss.
+    pub evals: Vec<EvalPoint>,
+}
+
+/// Progress for progress bars.
+#[derive(Clone, Copy, Debug)]
+pub enum PretrainProgress {
+    /// A step finished with this loss.
+    Step {
+        /// Steps done.
+        step: usize,
+        /// Steps in total.
+        total: usize,
+        /// Its training loss.
+        loss: f32,
+    },
+    /// A held-out evaluation finished.
+    Eval(f64),
+}
+
+/// Pretrains the recipe's model on `device` (a plain device; autodiff is added here) and
+/// writes a Hugging Face directory to `out`.
+pub fn pretrain(
+    recipe: &Recipe,
+    device: &burn::tensor::Device,
+    backend: &str,
+    threads: usize,
+    out: &Path,
+    progress: &mut dyn FnMut(PretrainProgress),
+    cancel: &AtomicBool,
+) -> Result<PretrainReport> {
+    recipe.validate().map_err(TrainerError::InvalidInput)?;
+    let clock = Instant::now();
+    let tokenizer = byte_level_tokenizer()?;
+    let eos = tokenizer.token_to_id(EOS_TOKEN).ok_or_else(|| {
+        TrainerError::InvalidInput("the tokenizer lost its end-of-text token".into())
+    })?;
+    let config = llama_config(&recipe.model, tokenizer.get_vocab_size(true), eos);
+    let model_config = ModelConfig::Llama(config.clone());
+
+    let documents: Vec<Example> = corpus::documents(recipe.corpus.seed, recipe.corpus.documents)
+        .into_iter()
+        .map(Example::Text)
+        .collect();
+    let tokenizer_json = tokenizer
+        .to_string(true)
+        .map_err(|e| TrainerError::InvalidInput(format!("cannot serialise the tokenizer: {e}")))?;
+    let tokenizer_hash = *blake3::hash(tokenizer_json.as_bytes()).as_bytes();
+    let plan = ShardPlan {
+        seq_len: recipe.train.seq_len,
+        seqs_per_shard: 4096,
+        eval_fraction: recipe.corpus.eval_fraction,
+        seed: recipe.corpus.seed,
+    };
+    let data = build_shards(
+        &documents,
+        &tokenizer,
+        tokenizer_hash,
+        Some(eos),
+        eos,
+        &plan,
+    )
+    .map_err(|e| TrainerError::InvalidInput(e.to_string()))?;
+    let lease = LeaseData::new(&data.train, config.vocab_size)?;
+
+    let mut params = init_weights(&config, recipe.train.seed)?;
+    let parameters = params.values().map(HostTensor::len).sum();
+    let mut moments = Moments::zeros_like(&params);
+    let mut evals = Vec::new();
+    let (mut loss_sum, mut loss_steps) = (0f64, 0usize);
+    let t = &recipe.train;
+    for step in 0..t.steps {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(TrainerError::Cancelled);
+        }
+        let model = CausalLm::from_checkpoint(
+            model_config.clone(),
+            Checkpoint::from_tensors("the model being pretrained", params.clone()),
+            device,
+        )?
+        .to_trainable();
+        let (batch, mask) = lease.batch(t.seed, step, t.batch_size);
+        let (loss, _) = model.next_token_loss(&batch, Some(&mask), ForwardOptions::default())?;
+        let grads = loss.backward();
+        let loss = loss.into_scalar::<f32>();
+        if !loss.is_finite() {
+            return Err(TrainerError::InvalidInput(format!(
+                "the loss diverged at step {step}"
+            )));
+        }
+        let mut g = model.weight_grads(&grads)?;
+        drop(model);
+        clip_grad_norm(&mut g, t.max_grad_norm);
+        let opt = AdamW {
+            lr: recipe.learning_rate(step),
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: t.weight_decay,
+        };
+        // Decay matrices only, as is usual: not norms, not the embedding.
+        opt.step(&mut params, &mut moments, &g, |name| {
+            name.ends_with("proj.weight")
+        });
+        loss_sum += f64::from(loss);
+        loss_steps += 1;
+        progress(PretrainProgress::Step {
+            step: step + 1,
+            total: t.steps,
+            loss,
+        });
+        if (step + 1) % t.eval_every == 0 || step + 1 == t.steps {
+            let model = CausalLm::from_checkpoint(
+                model_config.clone(),
+                Checkpoint::from_tensors("the model being pretrained", params.clone()),
+                device,
+            )?;
+            let eval = eval_loss(
+                &model,
+                ForwardOptions::default(),
+                std::slice::from_ref(&data.eval),
+                t.batch_size,
+            )?;
+            progress(PretrainProgress::Eval(eval.loss));
+            evals.push(EvalPoint {
+                step: step + 1,
+                train_loss: loss_sum / loss_steps as f64,
+                eval_loss: eval.loss,
+            });
+            (loss_sum, loss_steps) = (0.0, 0);
+        }
+    }
+
+    let report = PretrainReport {
+        parameters,
+        steps: t.steps,
+        tokens: (t.steps * t.batch_size) as u64 * u64::from(t.seq_len),
+        seconds: clock.elapsed().as_secs_f64(),
+        threads,
+        backend: backend.to_owned(),
+        evals,
+    };
+    save(out, &config, &params, &tokenizer_json, &report)?;
+    Ok(report)
+}
+
+fn llama_config(shape: &BaseShape, vocab_size: usize, eos: u32) -> LlamaConfig {
+    LlamaConfig {
+        model_type: "llama".into(),
+        vocab_size,
+        hidden_size: shape.hidden_size,
+        intermediate_size: shape.intermediate_size,
+        num_hidden_layers: shape.num_hidden_layers,
+        num_attention_heads: shape.num_attention_heads,
+        num_key_value_heads: shape.num_key_value_heads,
+        head_dim: shape.hidden_size / shape.num_attention_heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: shape.rope_theta,
+        rope_scaling: RopeScaling::None,
+        attention_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        tie_word_embeddings: true,
+        max_position_embeddings: shape.max_position_embeddings,
+        eos_token_id: Some(eos),
+        bos_token_id: Some(eos),
+    }
+}
+
+/// Random weights as transformers initialises a Llama: normal(0, 0.02) matrices, unit norms;
+/// the output projections of each block scaled by 1/sqrt(2·layers) (GPT-2's residual scaling)
+/// so the residual stream does not grow with depth.
+fn init_weights(c: &LlamaConfig, seed: u64) -> Result<NamedTensors> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let std = 0.02f32;
+    let residual_std = std / (2.0 * c.num_hidden_layers as f32).sqrt();
+    let mut out = NamedTensors::new();
+    let mut normal = |name: String, shape: Vec<usize>, std: f32, rng: &mut StdRng| -> Result<()> {
+        let dist = Normal::new(0.0f32, std)
+            .map_err(|e| TrainerError::InvalidInput(format!("init std {std}: {e}")))?;
+        let data = (0..shape.iter().product())
+            .map(|_| dist.sample(rng))
+            .collect();
+        out.insert(name, HostTensor { shape, data });
+        Ok(())
+    };
+    let (h, q, kv, i) = (
+        c.hidden_size,
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    normal(
+        "model.embed_tokens.weight".into(),
+        vec![c.vocab_size, h],
+        std,
+        &mut rng,
+    )?;
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        normal(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![q, h],
+            std,
+            &mut rng,
+        )?;
+        normal(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv, h],
+            std,
+            &mut rng,
+        )?;
+        normal(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv, h],
+            std,
+            &mut rng,
+        )?;
+        normal(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, q],
+            residual_std,
+            &mut rng,
+        )?;
+        normal(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![i, h],
+            std,
+            &mut rng,
+        )?;
+        normal(format!("{p}.mlp.up_proj.weight"), vec![i, h], std, &mut rng)?;
+        normal(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![h, i],
+            residual_std,
+            &mut rng,
+        )?;
+    }
+    let ones = |n| HostTensor {
+        shape: vec![n],
+        data: vec![1.0; n],
+    };
+    for l in 0..c.num_hidden_layers {
+        out.insert(format!("model.layers.{l}.input_layernorm.weight"), ones(h));
+        out.insert(
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            ones(h),
+        );
+    }
+    out.insert("model.norm.weight".into(), ones(h));
+    Ok(out)
+}
+
+fn save(
+    out: &Path,
+    config: &LlamaConfig,
+    params: &NamedTensors,
+    tokenizer_json: &str,
+    report: &PretrainReport,
+) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| TrainerError::io(out, e))?;
+    let json = |v: &serde_json::Value| {
+        serde_json::to_string_pretty(v).map_err(|e| TrainerError::InvalidInput(e.to_string()))
+    };
+    let meta = BTreeMap::from([("format".to_owned(), "pt".to_owned())]);
+    write_safetensors(&out.join("model.safetensors"), params, &meta)?;
+    write_atomic(
+        &out.join("config.json"),
+        json(&config.to_hf_json())?.as_bytes(),
+    )?;
+    write_atomic(&out.join("tokenizer.json"), tokenizer_json.as_bytes())?;
+    let tokenizer_config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS_TOKEN,
+        "bos_token": EOS_TOKEN,
+        "model_max_length": config.max_position_embeddings,
+    });
+    write_atomic(
+        &out.join("tokenizer_config.json"),
+        json(&tokenizer_config)?.as_bytes(),
+    )?;
+    let report =
+        serde_json::to_value(report).map_err(|e| TrainerError::InvalidInput(e.to_string()))?;
+    write_atomic(&out.join("pretrain_report.json"), json(&report)?.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_tokenizer_round_trips_any_text() {
+        let t = byte_level_tokenizer().unwrap();
+        assert_eq!(t.get_vocab_size(true), 257);
+        for text in ["Shout: the cat => THE CAT", "émoji ✓ and\nnewlines\t", ""] {
+            let ids = t.encode(text, false).unwrap().get_ids().to_vec();
+            assert_eq!(ids.len(), text.len(), "one token per byte");
+            assert_eq!(t.decode(&ids, false).unwrap(), text);
+        }
+        let eos = t.token_to_id(EOS_TOKEN).unwrap();
+        assert_eq!(
+            t.encode(format!("a{EOS_TOKEN}").as_str(), false)
+                .unwrap()
+                .get_ids()[1],
+            eos
+        );
+    }
+
+    #[test]
+    fn the_schedule_warms_up_then_decays() {
+        let recipe: Recipe =
+            toml::from_str(include_str!("../../recipes/builtin-base.toml")).unwrap();
+        let t = &recipe.train;
+        assert!(recipe.learning_rate(0) < recipe.learning_rate(t.warmup_steps));
+        assert!((recipe.learning_rate(t.warmup_steps) - t.learning_rate).abs() < 1e-6);
+        assert!(
+            (recipe.learning_rate(t.steps - 1) - t.min_learning_rate).abs()
+                < 1e-3 * t.learning_rate
+        );
+    }
+}
