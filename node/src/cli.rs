@@ -25,6 +25,33 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Pretrain a small base model from scratch, from a recipe (how the built-in base was made).
     Pretrain(PretrainArgs),
+    /// Measure: how well a module learns the demo's skill, and how fast LoRA trains here.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `swarmtune bench ...`
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Train a module for the demo's skill on this machine and score base and module on
+    /// held-out prompts (exact match).
+    Skill(BenchSkillArgs),
+}
+
+/// `swarmtune bench skill`
+#[derive(Args, Debug)]
+pub struct BenchSkillArgs {
+    /// Base model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    /// Write the trained module (a PEFT adapter) here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 /// `swarmtune pretrain`

@@ -346,20 +346,25 @@ pub fn pretrain(
                 eval_loss: eval.loss,
             });
             (loss_sum, loss_steps) = (0.0, 0);
+            // Save at every evaluation, so a long run that stops early still leaves a model.
+            let report = PretrainReport {
+                parameters,
+                steps: step + 1,
+                tokens: ((step + 1) * t.batch_size) as u64 * u64::from(t.seq_len),
+                seconds: clock.elapsed().as_secs_f64(),
+                threads,
+                backend: backend.to_owned(),
+                evals: evals.clone(),
+            };
+            save(out, &config, &params, &tokenizer_json, &report)?;
+            if step + 1 == t.steps {
+                return Ok(report);
+            }
         }
     }
-
-    let report = PretrainReport {
-        parameters,
-        steps: t.steps,
-        tokens: (t.steps * t.batch_size) as u64 * u64::from(t.seq_len),
-        seconds: clock.elapsed().as_secs_f64(),
-        threads,
-        backend: backend.to_owned(),
-        evals,
-    };
-    save(out, &config, &params, &tokenizer_json, &report)?;
-    Ok(report)
+    Err(TrainerError::InvalidInput(
+        "pretraining ended without a final evaluation".into(),
+    ))
 }
 
 fn llama_config(shape: &BaseShape, vocab_size: usize, eos: u32) -> LlamaConfig {
@@ -526,8 +531,7 @@ mod tests {
 
     #[test]
     fn the_schedule_warms_up_then_decays() {
-        let recipe: Recipe =
-            toml::from_str(include_str!("../../recipes/builtin-base.toml")).unwrap();
+        let recipe: Recipe = toml::from_str(include_str!("../recipes/builtin-base.toml")).unwrap();
         let t = &recipe.train;
         assert!(recipe.learning_rate(0) < recipe.learning_rate(t.warmup_steps));
         assert!((recipe.learning_rate(t.warmup_steps) - t.learning_rate).abs() < 1e-6);

@@ -1,10 +1,11 @@
 //! One module per subcommand; `run` dispatches.
 
+mod bench;
 mod generate;
 mod inspect;
 mod pretrain;
 
-use crate::cli::{Cli, Command, InspectCommand};
+use crate::cli::{BenchCommand, Cli, Command, InspectCommand};
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -13,5 +14,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(InspectCommand::Grads(args)) => inspect::grads(args),
         Command::Generate(args) => generate::run(args),
         Command::Pretrain(args) => pretrain::run(args),
+        Command::Bench(BenchCommand::Skill(args)) => bench::skill(args),
     }
 }
