@@ -36,6 +36,33 @@ pub enum BenchCommand {
     /// Train a module for the demo's skill on this machine and score base and module on
     /// held-out prompts (exact match).
     Skill(BenchSkillArgs),
+    /// LoRA training speed: tokens per second, step time and peak memory.
+    Train(BenchTrainArgs),
+}
+
+/// `swarmtune bench train`
+#[derive(Args, Debug)]
+pub struct BenchTrainArgs {
+    /// Model shape with random weights: builtin or smollm2-135m.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub shape: swarmtune_trainer::bench::BenchShape,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// LoRA rank on q_proj and v_proj (alpha = 2 × rank).
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// Measured steps, after two warm-up steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 /// `swarmtune bench skill`

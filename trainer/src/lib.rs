@@ -4,6 +4,7 @@
 //! generation.
 
 pub mod aggregate;
+pub mod bench;
 pub mod builtin;
 pub mod checkpoint;
 pub mod config;

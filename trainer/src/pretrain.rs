@@ -367,7 +367,7 @@ pub fn pretrain(
     ))
 }
 
-fn llama_config(shape: &BaseShape, vocab_size: usize, eos: u32) -> LlamaConfig {
+pub(crate) fn llama_config(shape: &BaseShape, vocab_size: usize, eos: u32) -> LlamaConfig {
     LlamaConfig {
         model_type: "llama".into(),
         vocab_size,
@@ -393,7 +393,7 @@ fn llama_config(shape: &BaseShape, vocab_size: usize, eos: u32) -> LlamaConfig {
 /// Random weights as transformers initialises a Llama: normal(0, 0.02) matrices, unit norms;
 /// the output projections of each block scaled by 1/sqrt(2·layers) (GPT-2's residual scaling)
 /// so the residual stream does not grow with depth.
-fn init_weights(c: &LlamaConfig, seed: u64) -> Result<NamedTensors> {
+pub(crate) fn init_weights(c: &LlamaConfig, seed: u64) -> Result<NamedTensors> {
     let mut rng = StdRng::seed_from_u64(seed);
     let std = 0.02f32;
     let residual_std = std / (2.0 * c.num_hidden_layers as f32).sqrt();

@@ -619,7 +619,7 @@ impl<'m> LocalTrainer<'m> {
     /// One optimizer step: gradients over the step's batch (accumulated over micro-batches,
     /// weighted by their target counts), optional clipping, then AdamW. Returns the batch loss
     /// and its number of targets.
-    fn step(
+    pub fn step(
         &self,
         state: &mut LoraState,
         data: &LeaseData<'_>,

@@ -5,7 +5,7 @@ use swarmtune_trainer::builtin::skill::{self, SkillRun};
 use swarmtune_trainer::device::ThreadPool;
 use swarmtune_trainer::train::TrainSpec;
 
-use crate::cli::BenchSkillArgs;
+use crate::cli::{BenchSkillArgs, BenchTrainArgs};
 
 /// `swarmtune bench skill`.
 pub fn skill(args: BenchSkillArgs) -> anyhow::Result<()> {
@@ -58,5 +58,41 @@ pub fn skill(args: BenchSkillArgs) -> anyhow::Result<()> {
         report.module.save(out, None, false)?;
         println!("wrote the module to {}", out.display());
     }
+    Ok(())
+}
+
+/// `swarmtune bench train`.
+pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
+    let pool = ThreadPool::new(args.compute.threads)?;
+    let device = args.compute.device.device()?;
+    let bench = swarmtune_trainer::bench::TrainBench {
+        shape: args.shape,
+        seq: args.seq,
+        batch: args.batch,
+        rank: args.rank,
+        steps: args.steps,
+    };
+    let backend = args.compute.device.backend_name();
+    let r = pool.install(|| {
+        swarmtune_trainer::bench::train_bench(&bench, &device, backend, pool.threads())
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!("| shape | backend | threads | seq × batch | rank | step ms | tokens/s | peak RSS |");
+    println!("|---|---|---:|---|---:|---:|---:|---:|");
+    println!(
+        "| {} | {} | {} | {} × {} | {} | {:.0} | {:.1} | {:.0} MiB |",
+        r.shape,
+        r.backend,
+        r.threads,
+        r.seq,
+        r.batch,
+        r.rank,
+        r.step_ms,
+        r.tokens_per_s,
+        r.peak_rss_bytes as f64 / (1 << 20) as f64
+    );
     Ok(())
 }

@@ -15,5 +15,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Bench(BenchCommand::Skill(args)) => bench::skill(args),
+        Command::Bench(BenchCommand::Train(args)) => bench::train(args),
     }
 }
