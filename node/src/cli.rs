@@ -113,42 +113,41 @@ pub struct ComputeArgs {
     pub threads: usize,
 }
 
-/// `swarmtune inspect logits`
+/// What both `inspect` subcommands read and write.
 #[derive(Args, Debug)]
-pub struct InspectLogitsArgs {
+pub struct InspectIo {
     /// Hugging Face model directory (config.json, model.safetensors).
     #[arg(long)]
     pub model: PathBuf,
-    /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
     /// safetensors file holding `input_ids`, I64 [batch, seq].
     #[arg(long)]
     pub ids: PathBuf,
-    /// Output safetensors file; gets `logits`, F32 [batch, seq, vocab].
+    /// Output safetensors file.
     #[arg(long)]
     pub out: PathBuf,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
 
-/// `swarmtune inspect grads`
+/// `swarmtune inspect logits`: writes `logits`, F32 [batch, seq, vocab].
+#[derive(Args, Debug)]
+pub struct InspectLogitsArgs {
+    #[command(flatten)]
+    pub io: InspectIo,
+    /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+/// `swarmtune inspect grads`: writes each LoRA tensor's gradient under its PEFT name and
+/// `loss` F32 [1].
 #[derive(Args, Debug)]
 pub struct InspectGradsArgs {
-    /// Hugging Face model directory.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub io: InspectIo,
     /// PEFT adapter directory.
     #[arg(long)]
     pub adapter: PathBuf,
-    /// safetensors file holding `input_ids`, I64 [batch, seq].
-    #[arg(long)]
-    pub ids: PathBuf,
-    /// Output safetensors file; gets each LoRA tensor's gradient under its PEFT name and `loss` F32 [1].
-    #[arg(long)]
-    pub out: PathBuf,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
 }
 
 /// `swarmtune generate`

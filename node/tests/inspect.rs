@@ -22,13 +22,19 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-#[test]
-fn inspect_logits_writes_the_reference_logits() {
-    let dir = fixture("qwen2");
+/// Runs `swarmtune inspect WHAT` on a fixture with its adapter and returns what it wrote.
+fn inspect(
+    what: &str,
+    fixture_name: &str,
+    extra: &[&str],
+) -> swarmtune_trainer::tensors::NamedTensors {
+    let dir = fixture(fixture_name);
     let out = tempfile::tempdir().unwrap();
-    let path = out.path().join("logits.safetensors");
+    let path = out.path().join("out.safetensors");
     let status = swarmtune()
-        .args(["inspect", "logits", "--threads", "2", "--model"])
+        .args(["inspect", what])
+        .args(extra)
+        .arg("--model")
         .arg(dir.join("model"))
         .arg("--adapter")
         .arg(dir.join("adapter"))
@@ -39,33 +45,23 @@ fn inspect_logits_writes_the_reference_logits() {
         .status()
         .unwrap();
     assert!(status.success());
-    let got = &read_safetensors(&path).unwrap().0["logits"];
-    let want = &read_safetensors(&dir.join("expected_logits_with_adapter.safetensors"))
+    read_safetensors(&path).unwrap().0
+}
+
+#[test]
+fn inspect_logits_writes_the_reference_logits() {
+    let got = inspect("logits", "qwen2", &["--threads", "2"]);
+    let want = read_safetensors(&fixture("qwen2").join("expected_logits_with_adapter.safetensors"))
         .unwrap()
-        .0["logits"];
-    assert_eq!(got.shape, want.shape);
-    assert!(max_diff(&got.data, &want.data) < 1e-4);
+        .0;
+    assert_eq!(got["logits"].shape, want["logits"].shape);
+    assert!(max_diff(&got["logits"].data, &want["logits"].data) < 1e-4);
 }
 
 #[test]
 fn inspect_grads_writes_every_lora_gradient_and_the_loss() {
-    let dir = fixture("gpt2");
-    let out = tempfile::tempdir().unwrap();
-    let path = out.path().join("grads.safetensors");
-    let status = swarmtune()
-        .args(["inspect", "grads", "--device", "ndarray", "--model"])
-        .arg(dir.join("model"))
-        .arg("--adapter")
-        .arg(dir.join("adapter"))
-        .arg("--ids")
-        .arg(dir.join("inputs.safetensors"))
-        .arg("--out")
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let got = read_safetensors(&path).unwrap().0;
-    let want = read_safetensors(&dir.join("expected_lora_grads.safetensors"))
+    let got = inspect("grads", "gpt2", &["--device", "ndarray"]);
+    let want = read_safetensors(&fixture("gpt2").join("expected_lora_grads.safetensors"))
         .unwrap()
         .0;
     assert_eq!(

@@ -15,12 +15,12 @@ use crate::cli::{InspectGradsArgs, InspectLogitsArgs};
 
 /// `swarmtune inspect logits`.
 pub fn logits(args: InspectLogitsArgs) -> anyhow::Result<()> {
-    let pool = ThreadPool::new(args.compute.threads)?;
-    let device = args.compute.device.device()?;
-    let batch = read_input_ids(&args.ids)?;
+    let pool = ThreadPool::new(args.io.compute.threads)?;
+    let device = args.io.compute.device.device()?;
+    let batch = read_input_ids(&args.io.ids)?;
     let logits = pool.install(|| -> anyhow::Result<HostTensor> {
-        let model = CausalLm::load(&args.model, &device)
-            .with_context(|| format!("loading the model in {}", args.model.display()))?;
+        let model = CausalLm::load(&args.io.model, &device)
+            .with_context(|| format!("loading the model in {}", args.io.model.display()))?;
         let adapter = args
             .adapter
             .as_ref()
@@ -43,27 +43,27 @@ pub fn logits(args: InspectLogitsArgs) -> anyhow::Result<()> {
     })?;
     let mut out = NamedTensors::new();
     out.insert("logits".into(), logits);
-    write_safetensors(&args.out, &out, &BTreeMap::new())?;
+    write_safetensors(&args.io.out, &out, &BTreeMap::new())?;
     println!(
         "wrote logits {:?} to {}",
         out["logits"].shape,
-        args.out.display()
+        args.io.out.display()
     );
     Ok(())
 }
 
 /// `swarmtune inspect grads`.
 pub fn grads(args: InspectGradsArgs) -> anyhow::Result<()> {
-    let pool = ThreadPool::new(args.compute.threads)?;
-    let device = args.compute.device.device()?;
-    let batch = read_input_ids(&args.ids)?;
+    let pool = ThreadPool::new(args.io.compute.threads)?;
+    let device = args.io.compute.device.device()?;
+    let batch = read_input_ids(&args.io.ids)?;
     let adapter = Adapter::load(&args.adapter)
         .with_context(|| format!("loading the adapter in {}", args.adapter.display()))?;
     let (loss, mut out) = pool.install(|| -> anyhow::Result<(f32, NamedTensors)> {
-        let model = CausalLm::load(&args.model, &device)
-            .with_context(|| format!("loading the model in {}", args.model.display()))?
+        let model = CausalLm::load(&args.io.model, &device)
+            .with_context(|| format!("loading the model in {}", args.io.model.display()))?
             .to_autodiff();
-        let provenance = Provenance::here(args.compute.device.backend_name(), pool.threads());
+        let provenance = Provenance::here(args.io.compute.device.backend_name(), pool.threads());
         let trainer = LocalTrainer::new(&model, adapter.config.clone(), provenance)?;
         let (loss, _, grads) = trainer.loss_and_grads(&adapter.tensors, &batch, None, 0)?;
         Ok((loss, grads))
@@ -73,10 +73,10 @@ pub fn grads(args: InspectGradsArgs) -> anyhow::Result<()> {
         "loss".into(),
         HostTensor::new(vec![1], vec![loss]).context("loss tensor")?,
     );
-    write_safetensors(&args.out, &out, &BTreeMap::new())?;
+    write_safetensors(&args.io.out, &out, &BTreeMap::new())?;
     println!(
         "loss {loss:.6}; wrote {count} LoRA gradients to {}",
-        args.out.display()
+        args.io.out.display()
     );
     Ok(())
 }
