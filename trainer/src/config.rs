@@ -18,6 +18,20 @@ pub enum ModelConfig {
     Gpt2(Gpt2Config),
 }
 
+/// The linear layers of a Llama-family block that LoRA can adapt.
+pub const LLAMA_LORA_TARGETS: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// The linear layers of a GPT-2 block that LoRA can adapt.
+pub const GPT2_LORA_TARGETS: &[&str] = &["c_attn", "c_proj", "c_fc"];
+
 /// How RoPE frequencies are scaled for long contexts.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
@@ -232,16 +246,8 @@ impl ModelConfig {
     /// The LoRA target module names this architecture has.
     pub fn lora_target_names(&self) -> &'static [&'static str] {
         match self {
-            Self::Llama(_) => &[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
-            Self::Gpt2(_) => &["c_attn", "c_proj", "c_fc"],
+            Self::Llama(_) => LLAMA_LORA_TARGETS,
+            Self::Gpt2(_) => GPT2_LORA_TARGETS,
         }
     }
 }

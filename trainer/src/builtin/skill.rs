@@ -93,17 +93,10 @@ impl Default for SkillRun {
                 rank: 8,
                 alpha: 16.0,
                 dropout: 0.0,
-                target_modules: [
-                    "q_proj",
-                    "k_proj",
-                    "v_proj",
-                    "o_proj",
-                    "gate_proj",
-                    "up_proj",
-                    "down_proj",
-                ]
-                .map(String::from)
-                .to_vec(),
+                target_modules: crate::config::LLAMA_LORA_TARGETS
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect(),
             },
             spec: crate::train::TrainSpec {
                 inner_steps: 300,
