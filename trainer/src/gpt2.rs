@@ -34,6 +34,11 @@ pub struct Gpt2 {
     ln_f: (Weight, Weight),
 }
 
+/// LayerNorm with a (weight, bias) pair.
+fn ln(x: Tensor<2>, (weight, bias): &(Weight, Weight), eps: f64) -> Tensor<2> {
+    layer_norm(x, &weight.tensor, &bias.tensor, eps)
+}
+
 /// The names a tensor may have: with the `transformer.` prefix and without.
 fn names(name: &str) -> Vec<String> {
     vec![format!("transformer.{name}"), name.to_owned()]
@@ -157,12 +162,7 @@ impl Gpt2 {
             let slot = cache.as_mut().map(|c| &mut c[i]);
             x = self.block(i, block, x, d, opts, slot);
         }
-        layer_norm(
-            x,
-            &self.ln_f.0.tensor,
-            &self.ln_f.1.tensor,
-            self.cfg.layer_norm_epsilon,
-        )
+        ln(x, &self.ln_f, self.cfg.layer_norm_epsilon)
     }
 
     /// Logits `[rows, vocab]`.
@@ -182,12 +182,7 @@ impl Gpt2 {
         let c = &self.cfg;
         let (e, heads) = (c.n_embd, c.n_head);
         let hd = e / heads;
-        let h = layer_norm(
-            x.clone(),
-            &b.ln_1.0.tensor,
-            &b.ln_1.1.tensor,
-            c.layer_norm_epsilon,
-        );
+        let h = ln(x.clone(), &b.ln_1, c.layer_norm_epsilon);
         let qkv = b.c_attn.forward(h, opts);
         let q = split_heads(qkv.clone().narrow(1, 0, e), d, heads, hd);
         let k = split_heads(qkv.clone().narrow(1, e, e), d, heads, hd);
@@ -203,12 +198,7 @@ impl Gpt2 {
         }
         let attn = causal_attention(q, k, v, d.offset, scale);
         let x = x + b.attn_c_proj.forward(merge_heads(attn, d), opts);
-        let h = layer_norm(
-            x.clone(),
-            &b.ln_2.0.tensor,
-            &b.ln_2.1.tensor,
-            c.layer_norm_epsilon,
-        );
+        let h = ln(x.clone(), &b.ln_2, c.layer_norm_epsilon);
         let h = b.c_fc.forward(h, opts);
         let h = if c.gelu_tanh {
             gelu_approximate(h)
