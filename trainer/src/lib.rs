@@ -13,6 +13,7 @@ pub mod delta;
 pub mod device;
 pub mod error;
 pub mod eval;
+mod fused;
 pub mod generate;
 pub mod gpt2;
 pub mod llama;

@@ -3,15 +3,17 @@
 //! optional q/k/v biases (Qwen2). Tensor names and semantics follow transformers'
 //! `modeling_llama.py`.
 
-use burn::tensor::activation::silu;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use std::sync::Arc;
+
+use burn::tensor::{Device, Int, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::Result;
+use crate::fused::{RopeTables, rms_norm, rope, swiglu};
 use crate::model::{
     CacheSlots, Dims, ForwardOptions, Linear, Weight, WeightLayout, causal_attention, extend_cache,
-    merge_heads, rms_norm, split_heads,
+    merge_heads, split_heads,
 };
 
 /// One transformer block.
@@ -25,6 +27,97 @@ struct Block {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
+    /// q/k/v as one `[hidden, q_out + 2·kv_out]` matrix, and gate/up as one
+    /// `[hidden, 2·intermediate]`, so that each group of projections is one GEMM forward and
+    /// one backward. The separate weights above are views into these. Absent when the weights
+    /// are trainable (pretraining), whose gradients must land on the separate weights.
+    fused: Option<FusedProjections>,
+}
+
+#[derive(Clone)]
+struct FusedProjections {
+    qkv: Tensor<2>,
+    qkv_bias: Option<Tensor<2>>,
+    gate_up: Tensor<2>,
+    gate_up_bias: Option<Tensor<2>>,
+}
+
+impl FusedProjections {
+    /// Concatenates the projections' weights (a copy, made once at load) and points each
+    /// projection at its slice of the result, so the model holds one copy of every weight.
+    fn build(linears: [&mut Linear; 5]) -> Self {
+        let [q, k, v, gate, up] = linears;
+        let (qkv, qkv_bias) = Self::join(&mut [q, k, v]);
+        let (gate_up, gate_up_bias) = Self::join(&mut [gate, up]);
+        Self {
+            qkv,
+            qkv_bias,
+            gate_up,
+            gate_up_bias,
+        }
+    }
+
+    fn join(parts: &mut [&mut Linear]) -> (Tensor<2>, Option<Tensor<2>>) {
+        let weight = Tensor::cat(parts.iter().map(|l| l.weight.tensor.clone()).collect(), 1);
+        let bias = parts.iter().all(|l| l.bias.is_some()).then(|| {
+            Tensor::cat(
+                parts
+                    .iter()
+                    .filter_map(|l| l.bias.as_ref().map(|b| b.tensor.clone()))
+                    .collect(),
+                1,
+            )
+        });
+        let mut start = 0;
+        for l in parts.iter_mut() {
+            let width = l.out_features();
+            l.weight.tensor = weight.clone().narrow(1, start, width);
+            if let (Some(b), Some(all)) = (l.bias.as_mut(), bias.as_ref()) {
+                b.tensor = all.clone().narrow(1, start, width);
+            }
+            start += width;
+        }
+        (weight, bias)
+    }
+
+    fn map(&self, f: &dyn Fn(Tensor<2>) -> Tensor<2>) -> Self {
+        Self {
+            qkv: f(self.qkv.clone()),
+            qkv_bias: self.qkv_bias.clone().map(f),
+            gate_up: f(self.gate_up.clone()),
+            gate_up_bias: self.gate_up_bias.clone().map(f),
+        }
+    }
+}
+
+/// `x·W (+ b)` for a fused projection, plus the LoRA updates of the adapted parts (zeros for
+/// the others), so the adapter sees exactly what it sees with separate projections.
+fn fused_forward(
+    x: Tensor<2>,
+    weight: &Tensor<2>,
+    bias: Option<&Tensor<2>>,
+    parts: &[&Linear],
+    opts: ForwardOptions<'_>,
+) -> Tensor<2> {
+    let updates: Vec<Option<Tensor<2>>> = parts
+        .iter()
+        .map(|l| opts.lora.and_then(|a| a.apply(&l.path, x.clone())))
+        .collect();
+    let rows = x.dims()[0];
+    let device = x.device();
+    let mut y = x.matmul(weight.clone());
+    if let Some(b) = bias {
+        y = y + b.clone();
+    }
+    if updates.iter().any(Option::is_some) {
+        let full = updates
+            .into_iter()
+            .zip(parts)
+            .map(|(u, l)| u.unwrap_or_else(|| Tensor::zeros([rows, l.out_features()], &device)))
+            .collect();
+        y = y + Tensor::cat(full, 1);
+    }
+    y
 }
 
 impl Block {
@@ -95,6 +188,15 @@ impl Llama {
             let gate_proj = linear("mlp.gate_proj", h, cfg.intermediate_size, cfg.mlp_bias)?;
             let up_proj = linear("mlp.up_proj", h, cfg.intermediate_size, cfg.mlp_bias)?;
             let down_proj = linear("mlp.down_proj", cfg.intermediate_size, h, cfg.mlp_bias)?;
+            let (mut q_proj, mut k_proj, mut v_proj) = (q_proj, k_proj, v_proj);
+            let (mut gate_proj, mut up_proj) = (gate_proj, up_proj);
+            let fused = Some(FusedProjections::build([
+                &mut q_proj,
+                &mut k_proj,
+                &mut v_proj,
+                &mut gate_proj,
+                &mut up_proj,
+            ]));
             blocks.push(Block {
                 input_norm: vector(ck, format!("{p}.input_layernorm.weight"))?,
                 q_proj,
@@ -105,6 +207,7 @@ impl Llama {
                 gate_proj,
                 up_proj,
                 down_proj,
+                fused,
             });
         }
         let norm = vector(ck, "model.norm.weight".into())?;
@@ -130,7 +233,9 @@ impl Llama {
         })
     }
 
-    pub(crate) fn map_weights(&self, f: &dyn Fn(Tensor<2>) -> Tensor<2>) -> Self {
+    /// The same model with every weight passed through `f`; `keep_fused` keeps the fused
+    /// projections (frozen weights), otherwise the separate weights are used (trainable ones).
+    pub(crate) fn map_weights(&self, f: &dyn Fn(Tensor<2>) -> Tensor<2>, keep_fused: bool) -> Self {
         Self {
             cfg: self.cfg.clone(),
             embed_tokens: self.embed_tokens.map(f),
@@ -147,6 +252,11 @@ impl Llama {
                     gate_proj: b.gate_proj.map_weights(f),
                     up_proj: b.up_proj.map_weights(f),
                     down_proj: b.down_proj.map_weights(f),
+                    fused: if keep_fused {
+                        b.fused.as_ref().map(|p| p.map(f))
+                    } else {
+                        None
+                    },
                 })
                 .collect(),
             norm: self.norm.map(f),
@@ -176,12 +286,11 @@ impl Llama {
         opts: ForwardOptions<'_>,
         mut cache: CacheSlots<'_>,
     ) -> Tensor<2> {
-        let device = ids.device();
         let mut x = self.embed_tokens.tensor.clone().select(0, ids);
-        let (cos, sin) = self.rope_tables(d, &device);
+        let tables = self.rope_tables(d);
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c[i]);
-            x = self.block(block, x, d, &cos, &sin, opts, slot);
+            x = self.block(block, x, d, &tables, opts, slot);
         }
         rms_norm(x, &self.norm.tensor, self.cfg.rms_norm_eps)
     }
@@ -192,79 +301,83 @@ impl Llama {
         hidden.matmul(head.tensor.clone().transpose())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
         b: &Block,
         x: Tensor<2>,
         d: Dims,
-        cos: &Tensor<4>,
-        sin: &Tensor<4>,
+        tables: &RopeTables,
         opts: ForwardOptions<'_>,
         slot: Option<&mut Option<(Tensor<4>, Tensor<4>)>>,
     ) -> Tensor<2> {
         let c = &self.cfg;
+        let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let h = rms_norm(x.clone(), &b.input_norm.tensor, c.rms_norm_eps);
-        let q = split_heads(
-            b.q_proj.forward(h.clone(), opts),
-            d,
-            c.num_attention_heads,
-            c.head_dim,
-        );
-        let k = split_heads(
-            b.k_proj.forward(h.clone(), opts),
-            d,
-            c.num_key_value_heads,
-            c.head_dim,
-        );
-        let v = split_heads(
-            b.v_proj.forward(h, opts),
-            d,
-            c.num_key_value_heads,
-            c.head_dim,
-        );
-        let q = apply_rope(q, cos, sin);
-        let k = apply_rope(k, cos, sin);
+        let (q, k, v) = match &b.fused {
+            Some(f) => {
+                let parts = [&b.q_proj, &b.k_proj, &b.v_proj];
+                let qkv = fused_forward(h, &f.qkv, f.qkv_bias.as_ref(), &parts, opts);
+                // Queries and keys rotated in one pass; the values pass through.
+                let qkv = rope(qkv, heads + kv_heads, tables);
+                let (q_out, kv_out) = (heads * hd, kv_heads * hd);
+                (
+                    qkv.clone().narrow(1, 0, q_out),
+                    qkv.clone().narrow(1, q_out, kv_out),
+                    qkv.narrow(1, q_out + kv_out, kv_out),
+                )
+            }
+            None => (
+                rope(b.q_proj.forward(h.clone(), opts), heads, tables),
+                rope(b.k_proj.forward(h.clone(), opts), kv_heads, tables),
+                b.v_proj.forward(h, opts),
+            ),
+        };
+        let q = split_heads(q, d, heads, hd);
+        let k = split_heads(k, d, kv_heads, hd);
+        let v = split_heads(v, d, kv_heads, hd);
         let (k, v) = extend_cache(slot, k, v);
-        let attn = causal_attention(q, k, v, d.offset, 1.0 / (c.head_dim as f64).sqrt());
+        let attn = causal_attention(q, k, v, d.offset, 1.0 / (hd as f64).sqrt());
         let x = x + b.o_proj.forward(merge_heads(attn, d), opts);
         let h = rms_norm(x.clone(), &b.post_attention_norm.tensor, c.rms_norm_eps);
-        let gated = silu(b.gate_proj.forward(h.clone(), opts)) * b.up_proj.forward(h, opts);
-        x + b.down_proj.forward(gated, opts)
+        let gate_up = match &b.fused {
+            Some(f) => {
+                let parts = [&b.gate_proj, &b.up_proj];
+                fused_forward(h, &f.gate_up, f.gate_up_bias.as_ref(), &parts, opts)
+            }
+            None => Tensor::cat(
+                vec![
+                    b.gate_proj.forward(h.clone(), opts),
+                    b.up_proj.forward(h, opts),
+                ],
+                1,
+            ),
+        };
+        x + b
+            .down_proj
+            .forward(swiglu(gate_up, c.intermediate_size), opts)
     }
 
-    /// `cos` and `sin` of the rotation angles, `[1, 1, seq, head_dim]`, for positions
-    /// `offset..offset + seq` (each frequency appears twice, as transformers lays them out).
-    fn rope_tables(&self, d: Dims, device: &Device) -> (Tensor<4>, Tensor<4>) {
+    /// `cos` and `sin` of the rotation angles for positions `offset..offset + seq`, one entry
+    /// per frequency.
+    fn rope_tables(&self, d: Dims) -> RopeTables {
         let half = self.inv_freq.len();
-        let hd = 2 * half;
-        let mut cos = vec![0f32; d.seq * hd];
-        let mut sin = vec![0f32; d.seq * hd];
+        let mut cos = Vec::with_capacity(d.seq * half);
+        let mut sin = Vec::with_capacity(d.seq * half);
         for t in 0..d.seq {
             let pos = (d.offset + t) as f64;
-            for (j, f) in self.inv_freq.iter().enumerate() {
-                let angle = pos * f;
-                let (s, c) = angle.sin_cos();
-                for k in [j, j + half] {
-                    cos[t * hd + k] = c as f32;
-                    sin[t * hd + k] = s as f32;
-                }
+            for f in &self.inv_freq {
+                let (s, c) = (pos * f).sin_cos();
+                cos.push(c as f32);
+                sin.push(s as f32);
             }
         }
-        let up =
-            |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [1, 1, d.seq, hd]), device);
-        (up(cos), up(sin))
+        RopeTables {
+            seq: d.seq,
+            half,
+            cos: Arc::new(cos),
+            sin: Arc::new(sin),
+        }
     }
-}
-
-/// Rotates `x` (`[batch, heads, seq, head_dim]`): `x·cos + rotate_half(x)·sin`.
-fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
-    let hd = x.dims()[3];
-    let half = hd / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
 }
 
 /// RoPE inverse frequencies `1 / theta^(2j / head_dim)`, with the config's scaling applied.

@@ -5,7 +5,6 @@
 
 use std::path::Path;
 
-use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Gradients, Int, Tensor, TensorData};
 
 use crate::checkpoint::Checkpoint;
@@ -134,7 +133,7 @@ impl CausalLm {
     pub fn to_autodiff(&self) -> Self {
         let device = self.device.clone().autodiff();
         let arch = match &self.arch {
-            Arch::Llama(m) => Arch::Llama(Box::new(m.map_weights(&|t| t.autodiff()))),
+            Arch::Llama(m) => Arch::Llama(Box::new(m.map_weights(&|t| t.autodiff(), true))),
             Arch::Gpt2(m) => Arch::Gpt2(Box::new(m.map_weights(&|t| t.autodiff()))),
         };
         Self {
@@ -150,7 +149,7 @@ impl CausalLm {
         let device = self.device.clone().autodiff();
         let f = |t: Tensor<2>| t.autodiff().require_grad();
         let arch = match &self.arch {
-            Arch::Llama(m) => Arch::Llama(Box::new(m.map_weights(&f))),
+            Arch::Llama(m) => Arch::Llama(Box::new(m.map_weights(&f, false))),
             Arch::Gpt2(m) => Arch::Gpt2(Box::new(m.map_weights(&f))),
         };
         Self {
@@ -279,14 +278,14 @@ pub fn next_token_cross_entropy(
         )));
     }
     // Row (i, j) predicts token (i, j + 1); the last row of each sequence predicts nothing.
-    let mut targets = vec![0i64; b * t];
+    let mut targets = vec![0usize; b * t];
     let mut weights = vec![0f32; b * t];
     let mut count = 0usize;
     for i in 0..b {
         for j in 0..t.saturating_sub(1) {
             let next = i * t + j + 1;
             if target_mask.is_none_or(|m| m[next] != 0) {
-                targets[i * t + j] = i64::from(batch.ids[next]);
+                targets[i * t + j] = batch.ids[next] as usize;
                 weights[i * t + j] = 1.0;
                 count += 1;
             }
@@ -297,12 +296,10 @@ pub fn next_token_cross_entropy(
             "the batch has no target tokens".into(),
         ));
     }
-    let device = logits.device();
-    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b * t, 1]), &device);
-    let weights = Tensor::<2>::from_data(TensorData::new(weights, [b * t, 1]), &device);
-    let picked = log_softmax(logits, 1).gather(1, targets);
-    let loss = (picked * weights).sum().neg() / count as f32;
-    Ok((loss, count))
+    Ok((
+        crate::fused::cross_entropy(logits, targets, weights, count),
+        count,
+    ))
 }
 
 /// Shape facts shared by the layers of one forward pass.
@@ -469,6 +466,11 @@ impl Linear {
         }
     }
 
+    /// Width of the output.
+    pub fn out_features(&self) -> usize {
+        self.weight.tensor.dims()[1]
+    }
+
     pub fn map_weights(&self, f: &dyn Fn(Tensor<2>) -> Tensor<2>) -> Self {
         Self {
             path: self.path.clone(),
@@ -515,12 +517,6 @@ pub fn download<const D: usize>(t: Tensor<D>) -> Result<HostTensor> {
         .try_into_vec::<f32>()
         .map_err(|e| TrainerError::Device(format!("{e:?}")))?;
     Ok(HostTensor { shape, data })
-}
-
-/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · w`, `w` is `[1, hidden]`.
-pub(crate) fn rms_norm(x: Tensor<2>, weight: &Tensor<2>, eps: f64) -> Tensor<2> {
-    let ms = x.clone().square().mean_dim(1);
-    x * (ms + eps).sqrt().recip() * weight.clone()
 }
 
 /// LayerNorm over the last dimension with the biased variance, as PyTorch computes it.
@@ -577,7 +573,7 @@ pub(crate) fn causal_attention(
     offset: usize,
     scale: f64,
 ) -> Tensor<4> {
-    let [b, heads, t, hd] = q.dims();
+    let [b, heads, _, hd] = q.dims();
     let kv_heads = k.dims()[1];
     let s = k.dims()[2];
     let (k, v) = if kv_heads == heads {
@@ -591,18 +587,6 @@ pub(crate) fn causal_attention(
         };
         (repeat(k), repeat(v))
     };
-    let scores = q.matmul(k.swap_dims(2, 3)) * scale;
-    let scores = if t > 1 {
-        let mut mask = vec![0f32; t * s];
-        for i in 0..t {
-            for j in (offset + i + 1)..s {
-                mask[i * s + j] = f32::NEG_INFINITY;
-            }
-        }
-        let mask = Tensor::<4>::from_data(TensorData::new(mask, [1, 1, t, s]), &scores.device());
-        scores + mask
-    } else {
-        scores
-    };
-    softmax(scores, 3).matmul(v)
+    let scores = q.matmul(k.swap_dims(2, 3));
+    crate::fused::causal_softmax(scores, scale, offset).matmul(v)
 }

@@ -1,7 +1,9 @@
 //! The pretraining corpus of the built-in base: short English-like stories, lists, questions
-//! with answers, counting and copying exercises, generated from a seed by a small grammar.
-//! It teaches a tiny byte-level model spelling, word order, and to copy what it has read,
-//! which is what later lets a LoRA module learn a new skill in minutes. Generated here, so it
+//! with answers, counting, and many copying exercises (sentences, random letter strings, and
+//! sentences written again in capitals), generated from a seed by a small grammar. It teaches
+//! a tiny byte-level model spelling, word order, and above all to copy what it has read: the
+//! grammar alone predicts most words, so random strings are what make copying pay, and a
+//! model that copies is what lets a LoRA module learn a new skill in minutes. Generated here, so it
 //! carries the project's licence (MIT OR Apache-2.0) and needs no download.
 
 use rand::rngs::StdRng;
@@ -17,12 +19,14 @@ pub fn documents(seed: u64, count: usize) -> Vec<String> {
 }
 
 fn document(rng: &mut StdRng) -> String {
-    match rng.random_range(0..10) {
+    match rng.random_range(0..20) {
         0..=3 => story(rng),
         4 => list(rng),
         5 => questions(rng),
         6 => counting(rng),
-        7 | 8 => copying(rng),
+        7..=9 => copying(rng),
+        10..=16 => copying_random(rng),
+        17 => capitals(rng),
         _ => dialogue(rng),
     }
 }
@@ -112,14 +116,67 @@ fn counting(rng: &mut StdRng) -> String {
 /// Repetition teaches the model to attend back and copy, the base of most skills.
 fn copying(rng: &mut StdRng) -> String {
     let text = sentence(rng);
-    match rng.random_range(0..4) {
+    match rng.random_range(0..5) {
         0 => format!("Say it again: {text}. {text}."),
         1 => format!("Copy: {text}\nCopy: {text}"),
         2 => {
             let words: Vec<&str> = text.split(' ').collect();
             format!("Words: {}\nJoined: {text}", words.join(", "))
         }
+        3 => format!("Echo: {text} => {text}"),
         _ => format!("Echo: \"{text}\" -> \"{text}\""),
+    }
+}
+
+/// A few words of random letters: nothing but the text before predicts them, so only a model
+/// that looks back and copies gets them right.
+fn random_words(rng: &mut StdRng) -> String {
+    let n = rng.random_range(3..9);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(2..7);
+            (0..len)
+                .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn copying_random(rng: &mut StdRng) -> String {
+    if rng.random_bool(0.3) {
+        // A short string many times over: the easiest copying there is, and where learning
+        // to look back for the previous occurrence starts.
+        let word: String = (0..rng.random_range(3..9))
+            .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+            .collect();
+        let times = rng.random_range(4..10);
+        return vec![word; times].join(" ");
+    }
+    let text = random_words(rng);
+    match rng.random_range(0..4) {
+        0 => format!("Copy: {text}\nCopy: {text}"),
+        1 => format!("Echo: {text} => {text}"),
+        2 => {
+            let code = rng.random_range(100..100_000);
+            format!("The code is {text} {code}. Again: {text} {code}.")
+        }
+        _ => format!("Say it again: {text}. {text}."),
+    }
+}
+
+/// The same sentence in small letters and in capitals, as signs and headlines write it, so
+/// the base knows both spellings of every word.
+fn capitals(rng: &mut StdRng) -> String {
+    let text = sentence(rng);
+    let upper = text.to_uppercase();
+    match rng.random_range(0..3) {
+        0 => format!(
+            "The sign says: {upper}.\nIn small letters: {}.",
+            text.to_lowercase()
+        ),
+        1 => format!("Headline: {upper}\nStory: {}.", capitalize(&text)),
+        _ => format!("{}. {upper}!", capitalize(&text)),
     }
 }
 
