@@ -13,7 +13,7 @@ use crate::error::{Result, TrainerError};
 use crate::lora::{Adapter, LoraConfig};
 use crate::model::CausalLm;
 use crate::pretrain::init_weights;
-use crate::train::{LeaseData, LocalTrainer, LoraState, Provenance, TrainSpec};
+use crate::train::{LeaseData, LocalTrainer, LoraState, PhaseTimes, Provenance, TrainSpec};
 
 /// Model shapes the benchmark knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +112,12 @@ pub struct TrainBenchReport {
     pub step_ms: f64,
     /// Training tokens per second at the median step time.
     pub tokens_per_s: f64,
+    /// Median forward time (with the loss), milliseconds.
+    pub forward_ms: f64,
+    /// Median backward time, milliseconds.
+    pub backward_ms: f64,
+    /// Median optimizer time, milliseconds.
+    pub optimizer_ms: f64,
     /// Peak resident memory of the process, bytes (0 where the OS does not say).
     pub peak_rss_bytes: u64,
 }
@@ -163,15 +169,27 @@ pub fn train_bench(
     };
     let mut state = LoraState::start(&adapter);
     let mut times = Vec::with_capacity(b.steps);
+    let mut phases = Vec::with_capacity(b.steps);
     for i in 0..b.steps + 2 {
         let clock = Instant::now();
         trainer.step(&mut state, &data, &spec)?;
+        let phase = trainer.take_times();
         if i >= 2 {
             times.push(clock.elapsed().as_secs_f64());
+            phases.push(phase);
         }
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let phase_ms = |f: fn(&PhaseTimes) -> f64| median(phases.iter().map(f).collect()) * 1e3;
+    let (forward_ms, backward_ms, optimizer_ms) = (
+        phase_ms(|p| p.forward),
+        phase_ms(|p| p.backward),
+        phase_ms(|p| p.optimizer),
+    );
+    let median = median(times);
     Ok(TrainBenchReport {
         shape: b.shape.name().to_owned(),
         backend: backend.to_owned(),
@@ -182,6 +200,9 @@ pub fn train_bench(
         trainable_parameters,
         step_ms: median * 1e3,
         tokens_per_s: n as f64 / median,
+        forward_ms,
+        backward_ms,
+        optimizer_ms,
         peak_rss_bytes: peak_rss_bytes(),
     })
 }

@@ -457,6 +457,18 @@ pub struct LocalTrainer<'m> {
     lora: LoraConfig,
     sites: Vec<LoraSite>,
     provenance: Provenance,
+    times: std::sync::Mutex<PhaseTimes>,
+}
+
+/// Where the time of training steps went, summed since the last [`LocalTrainer::take_times`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct PhaseTimes {
+    /// Forward pass and loss, seconds.
+    pub forward: f64,
+    /// Backward pass and reading the gradients back, seconds.
+    pub backward: f64,
+    /// Gradient accumulation, clipping and the AdamW update, seconds.
+    pub optimizer: f64,
 }
 
 impl<'m> LocalTrainer<'m> {
@@ -475,7 +487,19 @@ impl<'m> LocalTrainer<'m> {
             lora,
             sites,
             provenance,
+            times: std::sync::Mutex::new(PhaseTimes::default()),
         })
+    }
+
+    /// The phase times summed since the last call, and a fresh start.
+    pub fn take_times(&self) -> PhaseTimes {
+        let mut t = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *t)
+    }
+
+    fn add_time(&self, f: impl FnOnce(&mut PhaseTimes) -> &mut f64, since: Instant) {
+        let mut t = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        *f(&mut t) += since.elapsed().as_secs_f64();
     }
 
     /// The adapted layers.
@@ -503,9 +527,12 @@ impl<'m> LocalTrainer<'m> {
             true,
             dropout_seed,
         )?;
+        let clock = Instant::now();
         let (loss, count) =
             self.model
                 .next_token_loss(batch, mask, ForwardOptions { lora: Some(&lora) })?;
+        self.add_time(|t| &mut t.forward, clock);
+        let clock = Instant::now();
         let grads = loss.backward();
         let loss = loss.into_scalar::<f32>();
         let mut out = NamedTensors::new();
@@ -516,6 +543,7 @@ impl<'m> LocalTrainer<'m> {
             };
             out.insert(name.to_owned(), g);
         }
+        self.add_time(|t| &mut t.backward, clock);
         Ok((loss, count, out))
     }
 
@@ -638,6 +666,7 @@ impl<'m> LocalTrainer<'m> {
                 Err(e) => return Err(e),
             }
         }
+        let clock = Instant::now();
         let total: usize = parts.iter().map(|p| p.1).sum();
         if total == 0 {
             state.moments.step += 1;
@@ -667,6 +696,7 @@ impl<'m> LocalTrainer<'m> {
         }
         spec.adamw()
             .step(&mut state.params, &mut state.moments, &grads, |_| true);
+        self.add_time(|t| &mut t.optimizer, clock);
         Ok((loss as f32, total))
     }
 }

@@ -80,10 +80,12 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
-    println!("| shape | backend | threads | seq × batch | rank | step ms | tokens/s | peak RSS |");
-    println!("|---|---|---:|---|---:|---:|---:|---:|");
     println!(
-        "| {} | {} | {} | {} × {} | {} | {:.0} | {:.1} | {:.0} MiB |",
+        "| shape | backend | threads | seq × batch | rank | step ms | fwd / bwd / opt ms | tokens/s | peak RSS |"
+    );
+    println!("|---|---|---:|---|---:|---:|---|---:|---:|");
+    println!(
+        "| {} | {} | {} | {} × {} | {} | {:.0} | {:.0} / {:.0} / {:.0} | {:.1} | {:.0} MiB |",
         r.shape,
         r.backend,
         r.threads,
@@ -91,6 +93,9 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
         r.batch,
         r.rank,
         r.step_ms,
+        r.forward_ms,
+        r.backward_ms,
+        r.optimizer_ms,
         r.tokens_per_s,
         r.peak_rss_bytes as f64 / (1 << 20) as f64
     );

@@ -20,13 +20,13 @@ pub fn documents(seed: u64, count: usize) -> Vec<String> {
 
 fn document(rng: &mut StdRng) -> String {
     match rng.random_range(0..20) {
-        0..=3 => story(rng),
-        4 => list(rng),
-        5 => questions(rng),
-        6 => counting(rng),
-        7..=9 => copying(rng),
-        10..=16 => copying_random(rng),
-        17 => capitals(rng),
+        0..=2 => story(rng),
+        3 => list(rng),
+        4 => questions(rng),
+        5 => counting(rng),
+        6..=10 => copying(rng),
+        11..=16 => copying_random(rng),
+        17 | 18 => capitals(rng),
         _ => dialogue(rng),
     }
 }
