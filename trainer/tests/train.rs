@@ -132,6 +132,11 @@ fn same_inputs_give_bitwise_identical_deltas() {
         assert_eq!(tensors::hash(&a.delta), tensors::hash(&b.delta), "{kind}");
         assert_eq!(a.commitments, b.commitments, "{kind}");
     }
+    // The thread count does not change the bits: every kernel sums in a fixed order.
+    let (one, _) = run(DeviceKind::Cpu, 1, &spec());
+    let (two, _) = run(DeviceKind::Cpu, 2, &spec());
+    assert_eq!(tensors::hash(&one.delta), tensors::hash(&two.delta));
+    assert_eq!(one.commitments, two.commitments);
     // A different seed is a different lease.
     let (a, _) = run(DeviceKind::Cpu, 2, &spec());
     let (c, _) = run(DeviceKind::Cpu, 2, &TrainSpec { seed: 8, ..spec() });
