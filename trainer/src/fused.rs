@@ -409,21 +409,25 @@ fn rope_composed(x: Tensor<2>, heads: usize, t: &RopeTables) -> Tensor<2> {
 // Causal softmax
 
 /// `softmax(scores · scale)` over the last dimension with the causal mask: `scores` is
-/// `[batch, heads, t, s]`, and query `i` sees keys `0..=offset + i`. Masked entries are 0.
-pub(crate) fn causal_softmax(scores: Tensor<4>, scale: f64, offset: usize) -> Tensor<4> {
-    let [.., t, s] = scores.dims();
+/// `[batch, heads, rows, s]` where row `r` is the query at position `r % t` (several query
+/// heads that share a key head can be stacked in one matrix), and the query at position `i`
+/// sees keys `0..=offset + i`. Masked entries are 0.
+pub(crate) fn causal_softmax(scores: Tensor<4>, scale: f64, offset: usize, t: usize) -> Tensor<4> {
+    let [.., rows, s] = scores.dims();
     match route(&scores) {
         Route::Composed => {
             let scores = scores * scale;
-            let scores = if t > 1 {
-                let mut mask = vec![0f32; t * s];
-                for i in 0..t {
-                    for j in (offset + i + 1)..s {
-                        mask[i * s + j] = f32::NEG_INFINITY;
+            let scores = if offset + 1 < s {
+                let mut mask = vec![0f32; rows * s];
+                for r in 0..rows {
+                    for j in (offset + r % t + 1)..s {
+                        mask[r * s + j] = f32::NEG_INFINITY;
                     }
                 }
-                let mask =
-                    Tensor::<4>::from_data(TensorData::new(mask, [1, 1, t, s]), &scores.device());
+                let mask = Tensor::<4>::from_data(
+                    TensorData::new(mask, [1, 1, rows, s]),
+                    &scores.device(),
+                );
                 scores + mask
             } else {
                 scores
@@ -726,10 +730,10 @@ mod tests {
 
     #[test]
     fn fused_causal_softmax_matches_composed() {
-        for offset in [0, 2] {
+        for (offset, t) in [(0, 3), (2, 3), (0, 1), (4, 1)] {
             check(
                 |x, y| {
-                    let s = causal_softmax(x.reshape([1, 2, 3, 5]), 0.7, offset);
+                    let s = causal_softmax(x.reshape([1, 2, 3, 5]), 0.7, offset, t);
                     s.reshape([6, 5]) + y
                 },
                 [6, 5],

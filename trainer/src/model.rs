@@ -565,7 +565,9 @@ pub(crate) fn extend_cache(
 
 /// Causal scaled dot-product attention. `q` is `[batch, heads, seq, d]`, `k` and `v` are
 /// `[batch, kv_heads, offset + seq, d]`; query `i` sees keys up to position `offset + i`.
-/// Grouped-query attention repeats each kv head for its group of query heads.
+/// Grouped-query attention stacks the query heads of each kv head into one matrix
+/// (`[batch, kv_heads, group · seq, d]`), so the keys and values are used as they are instead
+/// of being repeated for every query head.
 pub(crate) fn causal_attention(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -573,20 +575,11 @@ pub(crate) fn causal_attention(
     offset: usize,
     scale: f64,
 ) -> Tensor<4> {
-    let [b, heads, _, hd] = q.dims();
+    let [b, heads, t, hd] = q.dims();
     let kv_heads = k.dims()[1];
-    let s = k.dims()[2];
-    let (k, v) = if kv_heads == heads {
-        (k, v)
-    } else {
-        let rep = heads / kv_heads;
-        let repeat = |x: Tensor<4>| -> Tensor<4> {
-            x.unsqueeze_dim::<5>(2)
-                .expand([b, kv_heads, rep, s, hd])
-                .reshape([b, heads, s, hd])
-        };
-        (repeat(k), repeat(v))
-    };
+    let q = q.reshape([b, kv_heads, heads / kv_heads * t, hd]);
     let scores = q.matmul(k.swap_dims(2, 3));
-    crate::fused::causal_softmax(scores, scale, offset).matmul(v)
+    crate::fused::causal_softmax(scores, scale, offset, t)
+        .matmul(v)
+        .reshape([b, heads, t, hd])
 }
