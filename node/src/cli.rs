@@ -74,6 +74,9 @@ pub struct BenchSkillArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 300)]
     pub steps: usize,
+    /// The skill: shout, number-words or add.
+    #[arg(long, default_value = "shout")]
+    pub skill: swarmtune_trainer::builtin::skill::Skill,
     /// Write the trained module (a PEFT adapter) here.
     #[arg(long)]
     pub out: Option<PathBuf>,

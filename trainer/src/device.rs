@@ -52,7 +52,24 @@ fn gpu_device() -> Result<Device> {
 
 #[cfg(feature = "gpu")]
 fn gpu_device() -> Result<Device> {
-    Ok(Device::wgpu(Default::default()))
+    // wgpu panics when it finds no adapter. Probe the device once with a tiny op and turn a
+    // panic into an error that says what to do, with the panic's own message kept quiet.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let probe = std::panic::catch_unwind(|| {
+        let device = Device::wgpu(Default::default());
+        let _ = burn::tensor::Tensor::<1>::zeros([1], &device).into_data();
+        device
+    });
+    std::panic::set_hook(hook);
+    probe.map_err(|e| {
+        let why = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "no reason given".into());
+        TrainerError::Device(format!("no usable GPU was found ({why}); use --device cpu"))
+    })
 }
 
 impl FromStr for DeviceKind {

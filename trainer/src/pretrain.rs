@@ -199,6 +199,10 @@ pub struct EvalPoint {
     pub train_loss: f64,
     /// Held-out loss.
     pub eval_loss: f64,
+    /// Exact match on held-out copying prompts (`Echo: <random letters> =>`): whether the
+    /// model has learned to look back and copy, which the skills it is fine-tuned for need.
+    #[serde(default)]
+    pub copy_exact_match: f64,
 }
 
 /// What a pretraining run did; written next to the model as `pretrain_report.json`.
@@ -280,6 +284,8 @@ pub fn pretrain(
     )
     .map_err(|e| TrainerError::InvalidInput(e.to_string()))?;
     let lease = LeaseData::new(&data.train, config.vocab_size)?;
+    // Prompts the corpus cannot contain: their own seed, scored by exact match at each eval.
+    let copy_probe = corpus::copy_probe(recipe.corpus.seed ^ 0x00c0_ffee, 20);
 
     let mut params = init_weights(&config, recipe.train.seed)?;
     let parameters = params.values().map(HostTensor::len).sum();
@@ -340,10 +346,19 @@ pub fn pretrain(
                 t.batch_size,
             )?;
             progress(PretrainProgress::Eval(eval.loss));
+            let copied = crate::eval::answers(
+                &model,
+                ForwardOptions::default(),
+                &tokenizer,
+                &copy_probe,
+                Some(eos),
+                2,
+            )?;
             evals.push(EvalPoint {
                 step: step + 1,
                 train_loss: loss_sum / loss_steps as f64,
                 eval_loss: eval.loss,
+                copy_exact_match: crate::eval::exact_match(&copied),
             });
             (loss_sum, loss_steps) = (0.0, 0);
             // Save at every evaluation, so a long run that stops early still leaves a model.

@@ -16,6 +16,7 @@ pub fn skill(args: BenchSkillArgs) -> anyhow::Result<()> {
             inner_steps: args.steps,
             ..SkillRun::default().spec
         },
+        skill: args.skill,
         ..SkillRun::default()
     };
     let bar = ProgressBar::new(args.steps as u64);

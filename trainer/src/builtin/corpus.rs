@@ -143,6 +143,21 @@ fn random_words(rng: &mut StdRng) -> String {
         .join(" ")
 }
 
+/// `count` held-out copying prompts, `Echo: <random letters> =>` → ` <the same letters>`:
+/// how pretraining measures whether the model has learned to copy.
+pub fn copy_probe(seed: u64, count: usize) -> Vec<crate::data::Example> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|_| {
+            let text = random_words(&mut rng);
+            crate::data::Example::PromptCompletion {
+                prompt: format!("Echo: {text} =>"),
+                completion: format!(" {text}"),
+            }
+        })
+        .collect()
+}
+
 fn copying_random(rng: &mut StdRng) -> String {
     if rng.random_bool(0.3) {
         // A short string many times over: the easiest copying there is, and where learning
@@ -224,7 +239,8 @@ mod tests {
         // The corpus never contains the demo skill's instruction.
         assert!(
             a.iter()
-                .all(|d| !d.contains(crate::builtin::skill::INSTRUCTION))
+                .all(|d| !d.contains(crate::builtin::skill::INSTRUCTION)
+                    && !d.contains(crate::builtin::skill::NUMBER_INSTRUCTION))
         );
     }
 }

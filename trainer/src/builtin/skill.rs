@@ -19,6 +19,131 @@ pub fn example(sentence: &str) -> Example {
     }
 }
 
+/// The built-in skills a module can learn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Skill {
+    /// `Shout: the red fox sees ada =>` → ` THE RED FOX SEES ADA`.
+    #[default]
+    Shout,
+    /// `In words: 347 =>` → ` three hundred forty-seven`.
+    NumberWords,
+    /// `Add 3 to 14, four times =>` → ` 17, 20, 23, 26.`
+    AddFourTimes,
+}
+
+impl std::str::FromStr for Skill {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "shout" => Ok(Self::Shout),
+            "number-words" => Ok(Self::NumberWords),
+            "add" => Ok(Self::AddFourTimes),
+            other => Err(format!(
+                "unknown skill {other:?}: use shout, number-words or add"
+            )),
+        }
+    }
+}
+
+impl Skill {
+    /// The skill's train split and held-out split, disjoint, the same for the same seed.
+    pub fn splits(self, seed: u64, train: usize, held_out: usize) -> (Vec<Example>, Vec<Example>) {
+        match self {
+            Self::Shout => splits(seed, train, held_out),
+            Self::NumberWords => number_splits(seed, train, held_out),
+            Self::AddFourTimes => add_splits(seed, train, held_out),
+        }
+    }
+}
+
+/// The instruction of the number skill.
+pub const NUMBER_INSTRUCTION: &str = "In words:";
+
+/// `n` (below 1000) in English words, as `three hundred forty-seven`.
+pub fn number_words(n: u32) -> String {
+    const ONES: [&str; 20] = [
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "sixteen",
+        "seventeen",
+        "eighteen",
+        "nineteen",
+    ];
+    const TENS: [&str; 10] = [
+        "", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
+    ];
+    let below_100 = |n: u32| -> String {
+        match n {
+            0..20 => ONES[n as usize].to_owned(),
+            _ if n.is_multiple_of(10) => TENS[(n / 10) as usize].to_owned(),
+            _ => format!("{}-{}", TENS[(n / 10) as usize], ONES[(n % 10) as usize]),
+        }
+    };
+    match (n / 100, n % 100) {
+        (0, r) => below_100(r),
+        (h, 0) => format!("{} hundred", ONES[h as usize]),
+        (h, r) => format!("{} hundred {}", ONES[h as usize], below_100(r)),
+    }
+}
+
+/// `Add {step} to {start}, four times =>` → ` {start + step}, …, {start + 4·step}.`: the base
+/// has read counting by a step (`Count by 3: 4, 7, 10.`) but never this request.
+fn add_example(start: u32, step: u32) -> Example {
+    let values: Vec<String> = (1..=4).map(|i| (start + i * step).to_string()).collect();
+    Example::PromptCompletion {
+        prompt: format!("Add {step} to {start}, four times =>"),
+        completion: format!(" {}.", values.join(", ")),
+    }
+}
+
+fn add_splits(seed: u64, train: usize, held_out: usize) -> (Vec<Example>, Vec<Example>) {
+    use rand::seq::SliceRandom;
+    let mut pairs: Vec<(u32, u32)> = (0..100)
+        .flat_map(|start| (2..10).map(move |step| (start, step)))
+        .collect();
+    pairs.shuffle(&mut StdRng::seed_from_u64(seed));
+    let held = held_out.min(pairs.len());
+    let (eval, rest) = pairs.split_at(held);
+    (
+        rest.iter()
+            .take(train)
+            .map(|&(a, b)| add_example(a, b))
+            .collect(),
+        eval.iter().map(|&(a, b)| add_example(a, b)).collect(),
+    )
+}
+
+fn number_splits(seed: u64, train: usize, held_out: usize) -> (Vec<Example>, Vec<Example>) {
+    use rand::seq::SliceRandom;
+    let mut numbers: Vec<u32> = (0..1000).collect();
+    numbers.shuffle(&mut StdRng::seed_from_u64(seed));
+    let example = |n: &u32| Example::PromptCompletion {
+        prompt: format!("{NUMBER_INSTRUCTION} {n} =>"),
+        completion: format!(" {}", number_words(*n)),
+    };
+    let held = held_out.min(numbers.len());
+    let (eval, rest) = numbers.split_at(held);
+    (
+        rest.iter().take(train).map(example).collect(),
+        eval.iter().map(example).collect(),
+    )
+}
+
 /// The skill's train split and held-out split: distinct sentences, the same for the same seed.
 pub fn splits(seed: u64, train: usize, held_out: usize) -> (Vec<Example>, Vec<Example>) {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -64,6 +189,27 @@ mod tests {
         assert!(prompt.starts_with(INSTRUCTION) && prompt.ends_with("=>"));
         assert_eq!(completion.trim(), completion.trim().to_uppercase());
     }
+
+    #[test]
+    fn numbers_are_spelled_out() {
+        let cases = [
+            (0, "zero"),
+            (7, "seven"),
+            (13, "thirteen"),
+            (40, "forty"),
+            (47, "forty-seven"),
+            (100, "one hundred"),
+            (347, "three hundred forty-seven"),
+            (910, "nine hundred ten"),
+            (999, "nine hundred ninety-nine"),
+        ];
+        for (n, words) in cases {
+            assert_eq!(number_words(n), words);
+        }
+        let (train, eval) = Skill::NumberWords.splits(3, 600, 50);
+        assert_eq!((train.len(), eval.len()), (600, 50));
+        assert!(eval.iter().all(|e| !train.contains(e)));
+    }
 }
 
 /// Settings of one single-machine run of the skill: how many examples, how long to train.
@@ -75,6 +221,8 @@ pub struct SkillRun {
     pub held_out: usize,
     /// Seed of the examples, the adapter initialisation and the batch order.
     pub seed: u64,
+    /// Which skill.
+    pub skill: Skill,
     /// The adapter.
     pub lora: crate::lora::LoraConfig,
     /// The optimisation (its `inner_steps` is the whole run).
@@ -89,6 +237,7 @@ impl Default for SkillRun {
             train_examples: 600,
             held_out: 50,
             seed: 7,
+            skill: Skill::default(),
             lora: crate::lora::LoraConfig {
                 rank: 8,
                 alpha: 16.0,
@@ -146,7 +295,7 @@ pub fn run(
         .map_err(|e| TrainerError::InvalidInput(e.to_string()))?;
     let base = CausalLm::load(base_dir, device)?;
     let eos = base.config().eos_token_id();
-    let (train, held_out) = splits(run.seed, run.train_examples, run.held_out);
+    let (train, held_out) = run.skill.splits(run.seed, run.train_examples, run.held_out);
     let plan = crate::data::ShardPlan {
         seq_len: run.seq_len,
         seqs_per_shard: 256,
