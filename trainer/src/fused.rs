@@ -90,6 +90,33 @@ fn tracked<const D: usize>(
         .expect("route() said this is a flex autodiff tensor")
 }
 
+/// A one-input fused op: `forward` computes the output and what the backward keeps. On plain
+/// burn-flex only the output is used; under autodiff the output is recorded with `op`'s
+/// backward (or without one when the input is not tracked).
+fn unary<const D: usize, const E: usize, B: Backward<Flex, 1>>(
+    op: B,
+    x: Tensor<D>,
+    forward: impl Fn(&FlexTensor) -> (FlexTensor, B::State),
+) -> Tensor<E> {
+    if route(&x) == Route::Flex {
+        return Tensor::from_primitive::<Flex>(forward(&values(&plain(x))).0);
+    }
+    let a = tracked(x);
+    let xp = values(a.primitive());
+    let out = match op
+        .prepare::<NoCheckpointing>([a.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (y, state) = forward(&xp);
+            prep.finish(state, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(&xp).0),
+    };
+    Tensor::from_primitive::<Ad>(out)
+}
+
 // ------------------------------------------------------------------------------------------
 // RMSNorm
 
@@ -218,26 +245,9 @@ pub(crate) fn swiglu(gate_up: Tensor<2>, inter: usize) -> Tensor<2> {
             let gate = gate_up.clone().narrow(1, 0, inter);
             silu(gate) * gate_up.narrow(1, inter, inter)
         }
-        Route::Flex => {
-            let gu = values(&plain(gate_up));
-            Tensor::from_primitive::<Flex>(swiglu_forward(&gu, inter))
-        }
-        Route::FlexAutodiff => {
-            let a = tracked(gate_up);
-            let gu = values(a.primitive());
-            let out = match SwigluBackward
-                .prepare::<NoCheckpointing>([a.node()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => {
-                    let y = swiglu_forward(&gu, inter);
-                    prep.finish((gu, inter), y)
-                }
-                OpsKind::UnTracked(prep) => prep.finish(swiglu_forward(&gu, inter)),
-            };
-            Tensor::from_primitive::<Ad>(out)
-        }
+        Route::Flex | Route::FlexAutodiff => unary(SwigluBackward, gate_up, |gu| {
+            (swiglu_forward(gu, inter), (gu.clone(), inter))
+        }),
     }
 }
 
@@ -308,26 +318,9 @@ pub(crate) struct RopeTables {
 pub(crate) fn rope(x: Tensor<2>, heads: usize, t: &RopeTables) -> Tensor<2> {
     match route(&x) {
         Route::Composed => rope_composed(x, heads, t),
-        Route::Flex => {
-            let xp = values(&plain(x));
-            Tensor::from_primitive::<Flex>(rope_apply(&xp, heads, t, false))
-        }
-        Route::FlexAutodiff => {
-            let xa = tracked(x);
-            let xp = values(xa.primitive());
-            let out = match RopeBackward
-                .prepare::<NoCheckpointing>([xa.node()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => {
-                    let y = rope_apply(&xp, heads, t, false);
-                    prep.finish((heads, t.clone()), y)
-                }
-                OpsKind::UnTracked(prep) => prep.finish(rope_apply(&xp, heads, t, false)),
-            };
-            Tensor::from_primitive::<Ad>(out)
-        }
+        Route::Flex | Route::FlexAutodiff => unary(RopeBackward, x, |xp| {
+            (rope_apply(xp, heads, t, false), (heads, t.clone()))
+        }),
     }
 }
 
@@ -434,28 +427,10 @@ pub(crate) fn causal_softmax(scores: Tensor<4>, scale: f64, offset: usize, t: us
             };
             burn::tensor::activation::softmax(scores, 3)
         }
-        Route::Flex => {
-            let x = values(&plain(scores));
-            Tensor::from_primitive::<Flex>(softmax_forward(&x, t, scale as f32, offset))
-        }
-        Route::FlexAutodiff => {
-            let a = tracked(scores);
-            let x = values(a.primitive());
-            let out = match SoftmaxBackward
-                .prepare::<NoCheckpointing>([a.node()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => {
-                    let y = softmax_forward(&x, t, scale as f32, offset);
-                    prep.finish((y.clone(), scale as f32), y)
-                }
-                OpsKind::UnTracked(prep) => {
-                    prep.finish(softmax_forward(&x, t, scale as f32, offset))
-                }
-            };
-            Tensor::from_primitive::<Ad>(out)
-        }
+        Route::Flex | Route::FlexAutodiff => unary(SoftmaxBackward, scores, |x| {
+            let y = softmax_forward(x, t, scale as f32, offset);
+            (y.clone(), (y, scale as f32))
+        }),
     }
 }
 
@@ -532,35 +507,19 @@ pub(crate) fn cross_entropy(
             let picked = log_softmax(logits, 1).gather(1, t);
             (picked * w).sum().neg() * scale
         }
-        Route::Flex => {
-            let lp = values(&plain(logits));
-            let (loss, _) = ce_forward(&lp, &targets, &weights, scale);
-            Tensor::from_primitive::<Flex>(loss)
-        }
-        Route::FlexAutodiff => {
-            let la = tracked(logits);
-            let lp = values(la.primitive());
-            let out = match CrossEntropyBackward
-                .prepare::<NoCheckpointing>([la.node()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => {
-                    let (loss, lse) = ce_forward(&lp, &targets, &weights, scale);
-                    let state = CeState {
-                        logits: lp,
-                        lse: Arc::new(lse),
-                        targets: Arc::new(targets),
-                        weights: Arc::new(weights),
-                        scale,
-                    };
-                    prep.finish(state, loss)
-                }
-                OpsKind::UnTracked(prep) => {
-                    prep.finish(ce_forward(&lp, &targets, &weights, scale).0)
-                }
-            };
-            Tensor::from_primitive::<Ad>(out)
+        Route::Flex | Route::FlexAutodiff => {
+            let (targets, weights) = (Arc::new(targets), Arc::new(weights));
+            unary(CrossEntropyBackward, logits, |lp| {
+                let (loss, lse) = ce_forward(lp, &targets, &weights, scale);
+                let state = CeState {
+                    logits: lp.clone(),
+                    lse: Arc::new(lse),
+                    targets: targets.clone(),
+                    weights: weights.clone(),
+                    scale,
+                };
+                (loss, state)
+            })
         }
     }
 }
