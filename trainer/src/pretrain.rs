@@ -284,7 +284,8 @@ pub fn pretrain(
     )
     .map_err(|e| TrainerError::InvalidInput(e.to_string()))?;
     let lease = LeaseData::new(&data.train, config.vocab_size)?;
-    // Prompts the corpus cannot contain: their own seed, scored by exact match at each eval.
+    // Random strings from a seed of their own (so the corpus almost surely lacks them),
+    // scored by exact match at each eval.
     let copy_probe = corpus::copy_probe(recipe.corpus.seed ^ 0x00c0_ffee, 20);
 
     let mut params = init_weights(&config, recipe.train.seed)?;

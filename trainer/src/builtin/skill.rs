@@ -112,35 +112,38 @@ fn add_example(start: u32, step: u32) -> Example {
 }
 
 fn add_splits(seed: u64, train: usize, held_out: usize) -> (Vec<Example>, Vec<Example>) {
-    use rand::seq::SliceRandom;
-    let mut pairs: Vec<(u32, u32)> = (0..100)
+    let pairs: Vec<(u32, u32)> = (0..100)
         .flat_map(|start| (2..10).map(move |step| (start, step)))
         .collect();
-    pairs.shuffle(&mut StdRng::seed_from_u64(seed));
-    let held = held_out.min(pairs.len());
-    let (eval, rest) = pairs.split_at(held);
-    (
-        rest.iter()
-            .take(train)
-            .map(|&(a, b)| add_example(a, b))
-            .collect(),
-        eval.iter().map(|&(a, b)| add_example(a, b)).collect(),
-    )
+    shuffled_splits(pairs, seed, train, held_out, |&(start, step)| {
+        add_example(start, step)
+    })
 }
 
 fn number_splits(seed: u64, train: usize, held_out: usize) -> (Vec<Example>, Vec<Example>) {
+    shuffled_splits((0..1000).collect(), seed, train, held_out, |&n: &u32| {
+        Example::PromptCompletion {
+            prompt: format!("{NUMBER_INSTRUCTION} {n} =>"),
+            completion: format!(" {}", number_words(n)),
+        }
+    })
+}
+
+/// Shuffles distinct `items` by `seed`, holds out the first `held_out` and trains on (up to)
+/// `train` of the rest, so the two splits never share an item.
+fn shuffled_splits<T>(
+    mut items: Vec<T>,
+    seed: u64,
+    train: usize,
+    held_out: usize,
+    example: impl Fn(&T) -> Example,
+) -> (Vec<Example>, Vec<Example>) {
     use rand::seq::SliceRandom;
-    let mut numbers: Vec<u32> = (0..1000).collect();
-    numbers.shuffle(&mut StdRng::seed_from_u64(seed));
-    let example = |n: &u32| Example::PromptCompletion {
-        prompt: format!("{NUMBER_INSTRUCTION} {n} =>"),
-        completion: format!(" {}", number_words(*n)),
-    };
-    let held = held_out.min(numbers.len());
-    let (eval, rest) = numbers.split_at(held);
+    items.shuffle(&mut StdRng::seed_from_u64(seed));
+    let (eval, rest) = items.split_at(held_out.min(items.len()));
     (
-        rest.iter().take(train).map(example).collect(),
-        eval.iter().map(example).collect(),
+        rest.iter().take(train).map(&example).collect(),
+        eval.iter().map(&example).collect(),
     )
 }
 
