@@ -73,6 +73,11 @@ pub struct CorpusRecipe {
     pub documents: usize,
     /// Share of documents held out for evaluation.
     pub eval_fraction: f32,
+    /// Steps at the start that train on copying exercises alone (random letter strings
+    /// written twice), before the full mix. Copying is the circuit a tiny model learns last
+    /// from mixed text; learning it first is what lets a LoRA module teach the base a skill.
+    #[serde(default)]
+    pub copy_first_steps: usize,
 }
 
 /// How long and how fast to train.
@@ -144,6 +149,9 @@ impl Recipe {
             && t.min_learning_rate <= t.learning_rate)
         {
             return Err("need 0 ≤ min_learning_rate ≤ learning_rate and learning_rate > 0".into());
+        }
+        if self.corpus.copy_first_steps > t.steps {
+            return Err("corpus.copy_first_steps exceeds train.steps".into());
         }
         if self.corpus.documents < 10
             || !(0.0..0.5).contains(&self.corpus.eval_fraction)
@@ -283,7 +291,33 @@ pub fn pretrain(
         &plan,
     )
     .map_err(|e| TrainerError::InvalidInput(e.to_string()))?;
+    let t = &recipe.train;
     let lease = LeaseData::new(&data.train, config.vocab_size)?;
+    // The copying warm start: enough copying documents for its steps, packed the same way.
+    let copy_data = if recipe.corpus.copy_first_steps > 0 {
+        let per_step = t.batch_size * t.seq_len as usize / 16;
+        let copying: Vec<Example> = corpus::copying_documents(
+            recipe.corpus.seed ^ 0xc09f,
+            (recipe.corpus.copy_first_steps * per_step).max(10),
+        )
+        .into_iter()
+        .map(Example::Text)
+        .collect();
+        let plan = ShardPlan {
+            eval_fraction: 0.0,
+            ..plan
+        };
+        Some(
+            build_shards(&copying, &tokenizer, tokenizer_hash, Some(eos), eos, &plan)
+                .map_err(|e| TrainerError::InvalidInput(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    let copy_lease = match &copy_data {
+        Some(d) => Some(LeaseData::new(&d.train, config.vocab_size)?),
+        None => None,
+    };
     // Random strings from a seed of their own (so the corpus almost surely lacks them),
     // scored by exact match at each eval.
     let copy_probe = corpus::copy_probe(recipe.corpus.seed ^ 0x00c0_ffee, 20);
@@ -293,7 +327,6 @@ pub fn pretrain(
     let mut moments = Moments::zeros_like(&params);
     let mut evals = Vec::new();
     let (mut loss_sum, mut loss_steps) = (0f64, 0usize);
-    let t = &recipe.train;
     for step in 0..t.steps {
         if cancel.load(Ordering::Relaxed) {
             return Err(TrainerError::Cancelled);
@@ -304,7 +337,12 @@ pub fn pretrain(
             device,
         )?
         .to_trainable();
-        let (batch, mask) = lease.batch(t.seed, step, t.batch_size);
+        let (batch, mask) = match &copy_lease {
+            Some(copy) if step < recipe.corpus.copy_first_steps => {
+                copy.batch(t.seed, step, t.batch_size)
+            }
+            _ => lease.batch(t.seed, step, t.batch_size),
+        };
         let (loss, _) = model.next_token_loss(&batch, Some(&mask), ForwardOptions::default())?;
         let grads = loss.backward();
         let loss = loss.into_scalar::<f32>();

@@ -18,6 +18,13 @@ pub fn documents(seed: u64, count: usize) -> Vec<String> {
     (0..count).map(|_| document(&mut rng)).collect()
 }
 
+/// `count` copying exercises of random letters: pretraining's warm start
+/// (`corpus.copy_first_steps`).
+pub fn copying_documents(seed: u64, count: usize) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..count).map(|_| copying_random(&mut rng)).collect()
+}
+
 fn document(rng: &mut StdRng) -> String {
     match rng.random_range(0..20) {
         0..=2 => story(rng),
