@@ -1291,3 +1291,568 @@ fn id_named(path: &Path) -> Option<ContentId> {
     let id: ContentId = name.parse().ok()?;
     (id.to_string() == name).then_some(id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    /// Deterministic bytes that differ from chunk to chunk (BLAKE3 in XOF mode).
+    fn bytes(len: usize, seed: &str) -> Vec<u8> {
+        let mut out = vec![0; len];
+        blake3::Hasher::new()
+            .update(seed.as_bytes())
+            .finalize_xof()
+            .fill(&mut out);
+        out
+    }
+
+    fn store(dir: &tempfile::TempDir, max: u64) -> BlobStore {
+        BlobStore::open(dir.path().join("store"), max).unwrap()
+    }
+
+    fn files_in(dir: &Path) -> Vec<PathBuf> {
+        dir_entries(dir).unwrap()
+    }
+
+    /// The chunk indices in a fixed order that is far from ascending.
+    fn scrambled(count: u32) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..count).collect();
+        order.sort_by_key(|i| *blake3::hash(&i.to_le_bytes()).as_bytes());
+        order
+    }
+
+    fn flip_byte(path: &Path, offset: u64) {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut byte = [0];
+        file.seek(SeekFrom::Start(offset)).unwrap();
+        file.read_exact(&mut byte).unwrap();
+        file.seek(SeekFrom::Start(offset)).unwrap();
+        file.write_all(&[byte[0] ^ 0x01]).unwrap();
+    }
+
+    #[test]
+    fn a_blob_round_trips_and_lives_at_its_fanned_out_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+        let data = b"hello, swarm".to_vec();
+        let id = store.put_bytes(&data).unwrap();
+        assert_eq!(id, ContentId::of(&data));
+        let hex = id.to_string();
+        let expected = store
+            .root()
+            .join("blobs")
+            .join(&hex[..2])
+            .join(&hex[2..4])
+            .join(&hex);
+        assert_eq!(store.blob_path(&id), expected);
+        assert_eq!(fs::read(&expected).unwrap(), data);
+        assert!(store.contains(&id));
+        assert_eq!(store.size(&id).unwrap(), data.len() as u64);
+        assert_eq!(store.read(&id).unwrap(), data);
+        // The same bytes by every route are the same one blob.
+        let source = dir.path().join("source");
+        fs::write(&source, &data).unwrap();
+        assert_eq!(store.put_file(&source).unwrap(), id);
+        assert_eq!(store.put_reader(&data[..]).unwrap(), id);
+        assert_eq!(store.list().unwrap(), vec![id]);
+        assert!(files_in(&store.root().join("tmp")).is_empty());
+        // Absent blobs are a clear error, not an empty read.
+        let absent = ContentId::of(b"absent");
+        assert!(!store.contains(&absent));
+        let err = store.read(&absent).unwrap_err();
+        assert!(matches!(err, BlobError::NotFound(got) if got == absent));
+        assert!(err.to_string().contains(&absent.to_string()));
+    }
+
+    #[test]
+    fn the_empty_blob_is_a_blob_of_no_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+        let id = store.put_bytes(&[]).unwrap();
+        assert_eq!(store.read(&id).unwrap(), Vec::<u8>::new());
+        let manifest = store.chunk_manifest(&id).unwrap();
+        assert_eq!((manifest.size, manifest.chunk_count()), (0, 0));
+        assert!(manifest.chunk_hashes.is_empty());
+        manifest.validate(0).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let partial = self::store(&other, 1 << 30).partial(&manifest).unwrap();
+        assert!(partial.missing_chunks().is_empty());
+        assert_eq!(partial.finish().unwrap(), id);
+    }
+
+    #[test]
+    fn a_multi_chunk_blob_streams_verifies_and_serves_its_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+        let data = bytes(3 * MIB + MIB / 2, "multi");
+        let id = store.put_reader(&data[..]).unwrap();
+        assert_eq!(store.verify(&id).unwrap(), data.len() as u64);
+        let mut streamed = Vec::new();
+        store
+            .open_verified(&id)
+            .unwrap()
+            .read_to_end(&mut streamed)
+            .unwrap();
+        assert_eq!(streamed, data);
+
+        let manifest = store.chunk_manifest(&id).unwrap();
+        assert_eq!(manifest, ChunkManifest::for_bytes(&data));
+        assert_eq!(manifest.chunk_count(), 4);
+        manifest.validate(1 << 30).unwrap();
+        for index in 0..4u32 {
+            let start = index as usize * MIB;
+            let end = (start + MIB).min(data.len());
+            assert_eq!(store.read_chunk(&id, index).unwrap(), &data[start..end]);
+        }
+        assert_eq!(store.read_chunk(&id, 3).unwrap().len(), MIB / 2);
+        assert!(matches!(
+            store.read_chunk(&id, 4),
+            Err(BlobError::NoSuchChunk {
+                index: 4,
+                count: 4,
+                ..
+            })
+        ));
+        // Without its cache the manifest is recomputed from the blob, to the same hashes.
+        fs::remove_file(store.chunks_path(&id)).unwrap();
+        assert_eq!(store.chunk_manifest(&id).unwrap(), manifest);
+        assert!(store.chunks_path(&id).is_file());
+    }
+
+    #[test]
+    fn a_corrupt_blob_fails_to_read_and_is_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+        let data = bytes(2 * MIB + 7, "corrupt");
+        let id = store.put_bytes(&data).unwrap();
+        flip_byte(&store.blob_path(&id), MIB as u64 + 3);
+
+        let err = store.read(&id).unwrap_err();
+        let BlobError::Corrupt {
+            id: bad, moved_to, ..
+        } = &err
+        else {
+            panic!("expected Corrupt, got {err:?}");
+        };
+        assert_eq!(*bad, id);
+        assert!(err.to_string().contains(&id.to_string()), "{err}");
+        assert!(!store.contains(&id));
+        assert!(store.list().unwrap().is_empty());
+        assert!(moved_to.is_file());
+        // Refetching it makes it whole again, and gc clears the quarantine.
+        assert_eq!(store.put_bytes(&data).unwrap(), id);
+        assert_eq!(store.read(&id).unwrap(), data);
+        let report = store.gc().unwrap();
+        assert_eq!(report.quarantined_removed, 1);
+        assert!(files_in(&store.root().join("quarantine")).is_empty());
+    }
+
+    #[test]
+    fn corruption_is_caught_by_verify_streaming_reads_and_chunk_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+        let data = bytes(2 * MIB + 7, "corrupt");
+
+        let id = store.put_bytes(&data).unwrap();
+        flip_byte(&store.blob_path(&id), 5);
+        assert!(matches!(store.verify(&id), Err(BlobError::Corrupt { .. })));
+        assert!(!store.contains(&id));
+
+        store.put_bytes(&data).unwrap();
+        flip_byte(&store.blob_path(&id), 5);
+        let mut sink = Vec::new();
+        let err = store
+            .open_verified(&id)
+            .unwrap()
+            .read_to_end(&mut sink)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains(&id.to_string()), "{err}");
+        assert!(!store.contains(&id));
+
+        // A chunk that no longer matches its cached hash is never served.
+        store.put_bytes(&data).unwrap();
+        flip_byte(&store.blob_path(&id), MIB as u64 + 1);
+        assert_eq!(store.read_chunk(&id, 0).unwrap(), &data[..MIB]);
+        assert!(matches!(
+            store.read_chunk(&id, 1),
+            Err(BlobError::Corrupt { .. })
+        ));
+        assert!(!store.contains(&id));
+    }
+
+    #[test]
+    fn a_damaged_chunk_cache_is_rebuilt_not_blamed_on_the_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+        let data = bytes(2 * MIB, "cache");
+        let id = store.put_bytes(&data).unwrap();
+        flip_byte(&store.chunks_path(&id), 40);
+        assert_eq!(store.read_chunk(&id, 1).unwrap(), &data[MIB..]);
+        assert!(store.contains(&id));
+        assert_eq!(
+            store.chunk_manifest(&id).unwrap(),
+            ChunkManifest::for_bytes(&data)
+        );
+    }
+
+    #[test]
+    fn blobs_over_the_cap_are_refused_while_streaming() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1000);
+        assert!(store.put_bytes(&[7; 1000]).is_ok());
+        let err = store.put_bytes(&[7; 1001]).unwrap_err();
+        assert!(matches!(
+            err,
+            BlobError::TooLarge {
+                size: 1001,
+                limit: 1000
+            }
+        ));
+        assert!(err.to_string().contains("1000"), "{err}");
+        // A reader with no known length is stopped as it passes the cap, and leaves nothing.
+        let endless = io::repeat(1).take(1 << 30);
+        assert!(matches!(
+            store.put_reader(endless),
+            Err(BlobError::TooLarge { limit: 1000, .. })
+        ));
+        assert_eq!(store.list().unwrap(), vec![ContentId::of(&[7; 1000])]);
+        assert!(files_in(&store.root().join("tmp")).is_empty());
+        // A download is refused before anything is written.
+        let big = ChunkManifest::for_bytes(&[1; 1001]);
+        assert!(matches!(
+            store.partial(&big),
+            Err(BlobError::InvalidManifest(ManifestError::TooLarge {
+                size: 1001,
+                ..
+            }))
+        ));
+        assert!(files_in(&store.root().join("partial")).is_empty());
+    }
+
+    #[test]
+    fn gc_removes_unpinned_blobs_and_pins_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+        let kept = store.put_bytes(b"kept").unwrap();
+        let dropped = store.put_bytes(b"dropped!").unwrap();
+        let also_dropped = store.put_bytes(b"also dropped").unwrap();
+        let not_yet_fetched = ContentId::of(b"later");
+        store.pin(&kept).unwrap();
+        store.pin(&not_yet_fetched).unwrap();
+
+        let store = BlobStore::open(store.root(), 1 << 30).unwrap();
+        assert!(store.is_pinned(&kept));
+        assert!(!store.is_pinned(&dropped));
+        let report = store.gc().unwrap();
+        assert_eq!(report.blobs_removed, 2);
+        assert_eq!(report.bytes_freed, 8 + 12);
+        assert_eq!(store.list().unwrap(), vec![kept]);
+        assert!(!store.contains(&also_dropped));
+        // The removed blobs' chunk caches went with them.
+        assert_eq!(store.fanout_files().unwrap().len(), 2);
+
+        assert!(store.unpin(&kept).unwrap());
+        assert!(!store.unpin(&kept).unwrap());
+        let mut pinned = vec![not_yet_fetched];
+        pinned.sort();
+        assert_eq!(store.pinned().unwrap(), pinned);
+        assert_eq!(store.gc().unwrap().blobs_removed, 1);
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn gc_removes_dead_writers_temp_files_but_not_live_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+        let tmp = store.root().join("tmp");
+        fs::write(tmp.join("dead-writer"), [0; 100]).unwrap();
+        let live = store.temp_file().unwrap();
+        let id = store.put_bytes(b"orphaned cache").unwrap();
+        fs::remove_file(store.blob_path(&id)).unwrap();
+        store.pin(&id).unwrap();
+
+        let report = store.gc().unwrap();
+        assert_eq!(report.temp_files_removed, 1);
+        assert!(!tmp.join("dead-writer").exists());
+        assert!(
+            live.path().exists(),
+            "a live writer's temp file was removed"
+        );
+        assert!(!store.chunks_path(&id).exists());
+        assert_eq!(report.bytes_freed, 100 + 32);
+        drop(live);
+    }
+
+    #[test]
+    fn a_download_in_random_order_resumes_after_being_dropped() {
+        let data = bytes(5 * MIB + 12_345, "download");
+        let manifest = ChunkManifest::for_bytes(&data);
+        let chunk = |i: u32| &data[i as usize * MIB..((i as usize + 1) * MIB).min(data.len())];
+        let order = scrambled(manifest.chunk_count() as u32);
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+
+        let mut partial = store.partial(&manifest).unwrap();
+        assert_eq!(partial.missing_chunks(), vec![0, 1, 2, 3, 4, 5]);
+        for &i in &order[..3] {
+            partial.write_chunk(i, chunk(i)).unwrap();
+        }
+        let written: u64 = order[..3].iter().map(|&i| chunk(i).len() as u64).sum();
+        assert_eq!(partial.bytes_done(), written);
+        drop(partial);
+
+        // A new process (a new store handle) picks up where the dropped one stopped.
+        let store = BlobStore::open(store.root(), 1 << 30).unwrap();
+        let mut partial = store.partial(&manifest).unwrap();
+        let mut rest = order[3..].to_vec();
+        rest.sort();
+        assert_eq!(partial.missing_chunks(), rest);
+        assert_eq!(partial.bytes_done(), written);
+        for &i in &order[3..] {
+            partial.write_chunk(i, chunk(i)).unwrap();
+        }
+        assert!(partial.missing_chunks().is_empty());
+        assert_eq!(partial.finish().unwrap(), manifest.id);
+        assert_eq!(store.read(&manifest.id).unwrap(), data);
+        assert_eq!(store.chunk_manifest(&manifest.id).unwrap(), manifest);
+        assert!(files_in(&store.root().join("partial")).is_empty());
+    }
+
+    #[test]
+    fn finishing_early_says_how_much_is_missing() {
+        let data = bytes(2 * MIB + 1, "early");
+        let manifest = ChunkManifest::for_bytes(&data);
+        let dir = tempfile::tempdir().unwrap();
+        let mut partial = store(&dir, 1 << 30).partial(&manifest).unwrap();
+        partial.write_chunk(2, &data[2 * MIB..]).unwrap();
+        assert!(matches!(
+            partial.finish(),
+            Err(BlobError::Incomplete {
+                missing: 2,
+                count: 3,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_bad_chunk_is_refused_and_changes_nothing() {
+        let data = bytes(2 * MIB + 10, "bad chunk");
+        let manifest = ChunkManifest::for_bytes(&data);
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+        let mut partial = store.partial(&manifest).unwrap();
+
+        let mut forged = data[MIB..2 * MIB].to_vec();
+        forged[77] ^= 0xff;
+        let err = partial.write_chunk(1, &forged).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BlobError::BadChunk {
+                    index: 1,
+                    reason: BadChunkReason::WrongHash,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&manifest.id.to_string()), "{err}");
+        let err = partial
+            .write_chunk(2, &data[2 * MIB..2 * MIB + 9])
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            BlobError::BadChunk {
+                index: 2,
+                reason: BadChunkReason::WrongLength {
+                    expected: 10,
+                    got: 9
+                },
+                ..
+            }
+        ));
+        assert!(matches!(
+            partial.write_chunk(3, &[]),
+            Err(BlobError::NoSuchChunk {
+                index: 3,
+                count: 3,
+                ..
+            })
+        ));
+        assert_eq!(partial.missing_chunks(), vec![0, 1, 2]);
+
+        // The good chunk is taken afterwards; a forged copy of a done chunk is still refused.
+        partial.write_chunk(1, &data[MIB..2 * MIB]).unwrap();
+        partial.write_chunk(1, &data[MIB..2 * MIB]).unwrap();
+        assert!(partial.write_chunk(1, &forged).is_err());
+        assert_eq!(partial.missing_chunks(), vec![0, 2]);
+    }
+
+    #[test]
+    fn a_manifest_that_lies_about_the_id_is_caught_at_finish() {
+        let data = bytes(3 * MIB, "what the provider has");
+        let claimed = ContentId::of(b"what we asked for");
+        let mut manifest = ChunkManifest::for_bytes(&data);
+        let actual = manifest.id;
+        manifest.id = claimed;
+        // Several chunks, so no single chunk hash ties the manifest to the id up front.
+        manifest.validate(1 << 30).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+        let mut partial = store.partial(&manifest).unwrap();
+        for i in 0..3u32 {
+            let start = i as usize * MIB;
+            partial.write_chunk(i, &data[start..start + MIB]).unwrap();
+        }
+        let err = partial.finish().unwrap_err();
+        assert!(
+            matches!(err, BlobError::ManifestLied { id, actual: got } if id == claimed && got == actual),
+            "{err:?}"
+        );
+        assert!(!store.contains(&claimed) && !store.contains(&actual));
+        assert!(files_in(&store.root().join("partial")).is_empty());
+    }
+
+    #[test]
+    fn a_chunk_damaged_on_disk_is_fetched_again_not_blamed_on_the_manifest() {
+        let data = bytes(3 * MIB, "damaged");
+        let manifest = ChunkManifest::for_bytes(&data);
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+        let mut partial = store.partial(&manifest).unwrap();
+        for i in 0..3u32 {
+            let start = i as usize * MIB;
+            partial.write_chunk(i, &data[start..start + MIB]).unwrap();
+        }
+        flip_byte(&partial.part_path, 2 * MIB as u64 + 9);
+        assert!(matches!(
+            partial.finish(),
+            Err(BlobError::PartialDamaged { damaged: 1, .. })
+        ));
+        let mut partial = store.partial(&manifest).unwrap();
+        assert_eq!(partial.missing_chunks(), vec![2]);
+        partial.write_chunk(2, &data[2 * MIB..]).unwrap();
+        assert_eq!(partial.finish().unwrap(), manifest.id);
+        assert_eq!(store.verify(&manifest.id).unwrap(), data.len() as u64);
+    }
+
+    #[test]
+    fn one_download_of_a_blob_at_a_time_and_another_manifest_starts_over() {
+        let data = bytes(2 * MIB, "busy");
+        let manifest = ChunkManifest::for_bytes(&data);
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+        let mut partial = store.partial(&manifest).unwrap();
+        assert!(matches!(
+            store.partial(&manifest),
+            Err(BlobError::DownloadBusy { .. })
+        ));
+        partial.write_chunk(0, &data[..MIB]).unwrap();
+        drop(partial);
+
+        // Progress recorded against one manifest is not trusted under another for the same id.
+        let mut other = manifest.clone();
+        other.chunk_hashes[1] = [9; 32];
+        assert!(store.partial(&other).unwrap().missing_chunks() == vec![0, 1]);
+        assert_eq!(
+            store.partial(&manifest).unwrap().missing_chunks(),
+            vec![0, 1]
+        );
+    }
+
+    #[test]
+    fn inconsistent_manifests_are_refused() {
+        let one = ChunkManifest::for_bytes(b"one chunk");
+        one.validate(100).unwrap();
+        let mut wrong_id = one.clone();
+        wrong_id.id = ContentId::of(b"something else");
+        assert!(matches!(
+            wrong_id.validate(100),
+            Err(ManifestError::ChunkHashIsNotId { .. })
+        ));
+        let mut short = ChunkManifest::for_bytes(&bytes(2 * MIB, "two"));
+        short.chunk_hashes.pop();
+        assert!(matches!(
+            short.validate(1 << 30),
+            Err(ManifestError::HashCount {
+                expected: 2,
+                got: 1,
+                ..
+            })
+        ));
+        let mut not_empty = ChunkManifest::for_bytes(&[]);
+        not_empty.id = one.id;
+        assert!(matches!(
+            not_empty.validate(100),
+            Err(ManifestError::NotTheEmptyBlob { .. })
+        ));
+        let huge = ChunkManifest {
+            id: one.id,
+            size: u64::MAX,
+            chunk_hashes: Vec::new(),
+        };
+        assert!(matches!(
+            huge.validate(u64::MAX),
+            Err(ManifestError::TooLarge {
+                limit: MAX_WIRE_BLOB_BYTES,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn the_wire_manifest_round_trips_and_bad_ones_are_errors_not_panics() {
+        let manifest = ChunkManifest::for_bytes(&bytes(2 * MIB + 1, "wire"));
+        let proto = manifest.to_proto();
+        assert_eq!(proto.chunk_size, 1 << 20);
+        assert_eq!(proto.chunk_hashes.len(), 3 * 32);
+        assert_eq!(ChunkManifest::try_from(&proto).unwrap(), manifest);
+
+        let broken = |edit: &dyn Fn(&mut v1::BlobManifest)| {
+            let mut bad = proto.clone();
+            edit(&mut bad);
+            ChunkManifest::try_from(&bad).unwrap_err()
+        };
+        assert!(matches!(broken(&|m| m.id = None), ManifestError::MissingId));
+        assert!(matches!(
+            broken(&|m| m.id = Some(v1::ContentId {
+                blake3: vec![1; 31]
+            })),
+            ManifestError::Id(ContentIdError::Length { len: 31 })
+        ));
+        assert!(matches!(
+            broken(&|m| m.chunk_size = 4096),
+            ManifestError::ChunkSize { got: 4096, .. }
+        ));
+        assert!(matches!(
+            broken(&|m| m.chunk_hashes.push(0)),
+            ManifestError::HashBytes { len: 97, .. }
+        ));
+        assert!(matches!(
+            broken(&|m| m.size_bytes = u64::MAX),
+            ManifestError::TooLarge { .. }
+        ));
+        assert!(matches!(
+            broken(&|m| m.size_bytes = 5 * MIB as u64),
+            ManifestError::HashCount {
+                expected: 5,
+                got: 3,
+                ..
+            }
+        ));
+        let err = broken(&|m| m.chunk_size = 0).to_string();
+        assert!(
+            err.contains("1048576") && err.contains(&manifest.id.to_string()),
+            "{err}"
+        );
+    }
+}
