@@ -624,10 +624,12 @@ impl BlobStore {
             }
         }
         for path in &files {
+            // Hashes cached for a blob that is gone (e.g. one moved to quarantine).
             let orphan = path
                 .to_str()
                 .and_then(|p| p.strip_suffix(".chunks"))
-                .is_some_and(|blob| !Path::new(blob).exists());
+                .and_then(|blob| self.blob_at(Path::new(blob)))
+                .is_some_and(|id| !self.contains(&id));
             if orphan {
                 report.bytes_freed += remove_counting_bytes(path)?;
             }

@@ -1,6 +1,8 @@
 //! A writer killed in the middle of storing a blob leaves no corrupt blob (issue 5, point 3).
 //! The test runs its own binary again as a slow writer and kills it with SIGKILL at several
-//! points of the write, then checks what the store holds.
+//! points of the write, then checks what the store holds. Unix only: it needs SIGKILL.
+
+#![cfg(unix)]
 
 use std::io::{self, Read};
 use std::os::unix::process::ExitStatusExt;
