@@ -1,5 +1,11 @@
 //! swarmtune's wire protocol: the messages peers exchange, generated from the `.proto` files
-//! in `proto/swarmtune/v1` (see `proto/README.md`). No ML here.
+//! in `proto/swarmtune/v1` (see `proto/README.md`), content ids and the blob store. No ML here.
+
+pub mod blob_store;
+pub mod content;
+
+pub use blob_store::{BlobError, BlobStore, CHUNK_SIZE, ChunkManifest, PartialBlob};
+pub use content::ContentId;
 
 pub mod identity;
 pub mod signed;
