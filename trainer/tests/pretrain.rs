@@ -76,6 +76,69 @@ fn a_tiny_pretraining_run_learns_and_saves_a_loadable_model() {
     assert!(loss.into_scalar::<f32>() < 4.5);
 }
 
+/// A run stopped part-way (a crash, Ctrl-C) continues from its last evaluation when started
+/// again on the same directory, and ends with the same weights, bit for bit, as a run that was
+/// never stopped. Another recipe on that directory is refused instead of overwriting it.
+#[test]
+fn an_interrupted_pretraining_run_resumes_to_the_same_weights() {
+    use swarmtune_trainer::pretrain::PretrainProgress;
+    let recipe: Recipe = toml::from_str(TINY).unwrap();
+    let device = DeviceKind::Cpu.device().unwrap();
+    let run = |dir: &std::path::Path, stop_after: Option<usize>| {
+        let cancel = AtomicBool::new(false);
+        let mut resumed = None;
+        let result = pretrain(
+            &recipe,
+            &device,
+            "flex",
+            1,
+            dir,
+            &mut |p| match p {
+                PretrainProgress::Step { step, .. } if Some(step) == stop_after => {
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                PretrainProgress::Resumed(step) => resumed = Some(step),
+                _ => {}
+            },
+            &cancel,
+        );
+        (result, resumed)
+    };
+    let weights = |dir: &std::path::Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+
+    let straight = tempfile::tempdir().unwrap();
+    let (report, resumed) = run(straight.path(), None);
+    let report = report.unwrap();
+    assert_eq!(resumed, None);
+
+    let broken = tempfile::tempdir().unwrap();
+    let (stopped, _) = run(broken.path(), Some(27));
+    assert!(stopped.is_err(), "the run was cancelled");
+    let (again, resumed) = run(broken.path(), None);
+    let again = again.unwrap();
+    assert_eq!(resumed, Some(20), "continues from the last evaluation");
+    assert_eq!(weights(broken.path()), weights(straight.path()));
+    assert_eq!(again.evals, report.evals);
+
+    // Finished: running it again says so instead of training on.
+    let (done, _) = run(broken.path(), None);
+    assert!(done.unwrap_err().to_string().contains("raise train.steps"));
+    // Another recipe does not overwrite the run.
+    let mut other = recipe.clone();
+    other.train.learning_rate *= 2.0;
+    let err = pretrain(
+        &other,
+        &device,
+        "flex",
+        1,
+        broken.path(),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("another recipe"), "{err}");
+}
+
 #[test]
 fn full_weight_gradients_match_finite_differences() {
     use swarmtune_trainer::checkpoint::{Checkpoint, read_checkpoint_tensors};
