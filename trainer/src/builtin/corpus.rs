@@ -137,11 +137,11 @@ fn copying(rng: &mut StdRng) -> String {
 
 /// A few words of random letters: nothing but the text before predicts them, so only a model
 /// that looks back and copies gets them right.
-fn random_words(rng: &mut StdRng) -> String {
+fn random_words(rng: &mut StdRng, letters: std::ops::Range<usize>) -> String {
     let n = rng.random_range(3..9);
     (0..n)
         .map(|_| {
-            let len = rng.random_range(2..7);
+            let len = rng.random_range(letters.clone());
             (0..len)
                 .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
                 .collect::<String>()
@@ -156,7 +156,7 @@ pub fn copy_probe(seed: u64, count: usize) -> Vec<crate::data::Example> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..count)
         .map(|_| {
-            let text = random_words(&mut rng);
+            let text = random_words(&mut rng, 2..7);
             crate::data::Example::PromptCompletion {
                 prompt: format!("Echo: {text} =>"),
                 completion: format!(" {text}"),
@@ -175,14 +175,12 @@ fn copying_random(rng: &mut StdRng) -> String {
         let times = rng.random_range(4..10);
         return vec![word; times].join(" ");
     }
-    let text = random_words(rng);
-    match rng.random_range(0..4) {
+    // Long words and nothing else to predict: the fewer shortcuts the data offers (formats,
+    // digits, short words), the sooner a small model gives up guessing and learns to copy.
+    let text = random_words(rng, 3..9);
+    match rng.random_range(0..3) {
         0 => format!("Copy: {text}\nCopy: {text}"),
         1 => format!("Echo: {text} => {text}"),
-        2 => {
-            let code = rng.random_range(100..100_000);
-            format!("The code is {text} {code}. Again: {text} {code}.")
-        }
         _ => format!("Say it again: {text}. {text}."),
     }
 }
