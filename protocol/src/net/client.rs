@@ -93,6 +93,14 @@ pub enum RequestError {
     /// The response does not decode.
     #[error("malformed response: {0}")]
     Malformed(String),
+    /// The response announced more than the protocol's limit (it was not read).
+    #[error("response of {len} bytes is over the limit of {max}")]
+    TooLarge {
+        /// The announced length.
+        len: usize,
+        /// The protocol's limit.
+        max: usize,
+    },
     /// The response is of another protocol than the request (a bug, not a peer's doing).
     #[error("response of the wrong protocol")]
     WrongProtocol,
@@ -243,14 +251,15 @@ pub(crate) enum Command {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<(), PublishFailure>>,
     },
+    // Boxed: messages are large and most commands are small.
     Request {
         peer: PeerId,
-        request: Request,
+        request: Box<Request>,
         reply: oneshot::Sender<Result<Response, RequestError>>,
     },
     Respond {
         responder: Responder,
-        response: Response,
+        response: Box<Response>,
         reply: oneshot::Sender<Result<(), NetError>>,
     },
     ReportMisbehaviour {
@@ -420,7 +429,7 @@ impl Client {
         self.commands
             .send(Command::Request {
                 peer,
-                request,
+                request: Box::new(request),
                 reply,
             })
             .await
@@ -441,7 +450,7 @@ impl Client {
         responder: Responder,
         response: impl Into<Response>,
     ) -> Result<(), NetError> {
-        let response = response.into();
+        let response = Box::new(response.into());
         self.call(|reply| Command::Respond {
             responder,
             response,

@@ -30,9 +30,8 @@ pub const STATUS_MAX_BYTES: usize = 1024 * 1024;
 /// Largest encoded `BlobRequest` / `BlobResponse`: a 1 MiB chunk plus 64 KiB of framing.
 pub const BLOB_MAX_BYTES: usize = 1024 * 1024 + 64 * 1024;
 
-/// Why a frame could not be read or written. Carried inside the `io::Error` that the
-/// request-response behaviour reports, so the event loop can tell a misbehaving peer from a
-/// dropped connection (see [`frame_error`]).
+/// Why a frame could not be read or written, carried inside the codec's `io::Error` (see
+/// [`frame_error`]).
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum FrameError {
     /// The length prefix announces more than the protocol allows.
@@ -51,9 +50,6 @@ pub enum FrameError {
         /// What arrived before the end of the stream.
         got: usize,
     },
-    /// The length prefix is not a valid unsigned varint.
-    #[error("bad length prefix: {0}")]
-    BadLengthPrefix(String),
     /// Only [`Frame::Message`] can be written; the other variants exist on the read side.
     #[error("only a message frame can be written")]
     NotAMessage,
@@ -64,9 +60,7 @@ impl From<FrameError> for io::Error {
         let kind = match e {
             FrameError::Truncated { .. } => io::ErrorKind::UnexpectedEof,
             FrameError::NotAMessage => io::ErrorKind::InvalidInput,
-            FrameError::TooLarge { .. } | FrameError::BadLengthPrefix(_) => {
-                io::ErrorKind::InvalidData
-            }
+            FrameError::TooLarge { .. } => io::ErrorKind::InvalidData,
         };
         io::Error::new(kind, e)
     }
@@ -79,16 +73,26 @@ pub fn frame_error(e: &io::Error) -> Option<&FrameError> {
 }
 
 /// What a codec read from a peer: a message of our version, or why its bytes were refused.
-/// Refusals that deserve an answer (a wrong version, bad protobuf) are values rather than
-/// I/O errors so that the responder can still answer with an `ErrorReply`.
+/// Refusals are values rather than I/O errors so that they reach the event loop with the
+/// peer's id (libp2p reports no failure of a request it could not read): it scores the peer
+/// and answers with an `ErrorReply` where the contract says so.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame<M> {
     /// A message whose `protocol_version` is [`PROTOCOL_VERSION`].
     Message(M),
     /// A message of another version (0 included); the rest of its bytes were not decoded.
     UnsupportedVersion(u32),
-    /// Bytes within the limit that are not a valid encoding of the message.
+    /// Bytes within the limit that are not a valid encoding of the message, or a length
+    /// prefix that is not a valid varint.
     Malformed(String),
+    /// A length prefix over the limit; nothing after it was read or allocated, and the stream
+    /// is reset without an answer.
+    TooLarge {
+        /// The length the peer announced.
+        len: usize,
+        /// The protocol's limit.
+        max: usize,
+    },
 }
 
 /// A top-level wire message: field 1 is `uint32 protocol_version`.
@@ -122,7 +126,6 @@ macro_rules! wire_messages {
                 Self {
                     protocol_version: PROTOCOL_VERSION,
                     body: Some(v1::$body::Body::Error(error)),
-                    ..Default::default()
                 }
             }
             fn error(&self) -> Option<&v1::ErrorReply> {
@@ -184,21 +187,21 @@ pub fn error_reply(code: v1::ErrorCode, message: impl Into<String>) -> v1::Error
     }
 }
 
-/// Reads one frame of at most `max` bytes.
+/// Reads one frame of at most `max` bytes. I/O errors (a truncated frame included) are
+/// errors; whatever the peer got wrong is a [`Frame`] refusal.
 pub async fn read_frame<M, T>(io: &mut T, max: usize) -> io::Result<Frame<M>>
 where
     M: WireMessage,
     T: AsyncRead + Unpin + Send,
 {
-    let len = unsigned_varint::aio::read_usize(&mut *io)
-        .await
-        .map_err(|e| match e {
-            unsigned_varint::io::ReadError::Io(e) => e,
-            other => FrameError::BadLengthPrefix(other.to_string()).into(),
-        })?;
+    let len = match unsigned_varint::aio::read_usize(&mut *io).await {
+        Ok(len) => len,
+        Err(unsigned_varint::io::ReadError::Io(e)) => return Err(e),
+        Err(other) => return Ok(Frame::Malformed(format!("bad length prefix: {other}"))),
+    };
     // The check comes before any allocation: `len` is the peer's claim, not a fact.
     if len > max {
-        return Err(FrameError::TooLarge { len, max }.into());
+        return Ok(Frame::TooLarge { len, max });
     }
     let mut buf = Vec::with_capacity(len);
     io.take(len as u64).read_to_end(&mut buf).await?;
@@ -390,17 +393,17 @@ mod tests {
         let mut data = prefix.clone();
         data.extend_from_slice(&[0u8; 4096]);
         let mut reader = CountingReader { data, pos: 0 };
-        let err = futures::executor::block_on(read_frame::<v1::JobRequest, _>(
+        let frame = futures::executor::block_on(read_frame::<v1::JobRequest, _>(
             &mut reader,
             JOB_MAX_BYTES,
         ))
-        .unwrap_err();
+        .unwrap();
         assert_eq!(
-            frame_error(&err),
-            Some(&FrameError::TooLarge {
+            frame,
+            Frame::TooLarge {
                 len: 1 << 30,
                 max: JOB_MAX_BYTES
-            })
+            }
         );
         assert_eq!(reader.pos, prefix.len(), "read past the length prefix");
     }
@@ -418,15 +421,9 @@ mod tests {
         let ok: Frame<v1::StatusRequest> =
             futures::executor::block_on(read_frame(&mut Cursor::new(framed.clone()), max)).unwrap();
         assert!(matches!(ok, Frame::Message(_)), "{ok:?}");
-        let err = futures::executor::block_on(read_frame::<v1::StatusRequest, _>(
-            &mut Cursor::new(framed),
-            max - 1,
-        ))
-        .unwrap_err();
-        assert!(matches!(
-            frame_error(&err),
-            Some(FrameError::TooLarge { len: 64, max: 63 })
-        ));
+        let over: Frame<v1::StatusRequest> =
+            futures::executor::block_on(read_frame(&mut Cursor::new(framed), max - 1)).unwrap();
+        assert_eq!(over, Frame::TooLarge { len: 64, max: 63 });
     }
 
     #[test]
@@ -468,18 +465,13 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_length_prefix_is_an_error() {
+    fn a_bad_length_prefix_is_malformed() {
         // Eleven continuation bytes: no usize varint is that long.
         let bytes = vec![0xff; 11];
-        let err = futures::executor::block_on(read_frame::<v1::StatusRequest, _>(
-            &mut Cursor::new(bytes),
-            STATUS_MAX_BYTES,
-        ))
-        .unwrap_err();
-        assert!(matches!(
-            frame_error(&err),
-            Some(FrameError::BadLengthPrefix(_))
-        ));
+        let frame: Frame<v1::StatusRequest> =
+            futures::executor::block_on(read_frame(&mut Cursor::new(bytes), STATUS_MAX_BYTES))
+                .unwrap();
+        assert!(matches!(frame, Frame::Malformed(_)), "{frame:?}");
     }
 
     #[test]

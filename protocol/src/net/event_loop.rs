@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::request_response::{
-    self, InboundFailure, InboundRequestId, OutboundFailure, OutboundRequestId, ResponseChannel,
+    self, InboundRequestId, OutboundFailure, OutboundRequestId, ResponseChannel,
 };
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::DialOpts;
@@ -24,8 +24,7 @@ use super::client::{
     Command, GossipMessage, InboundRequest, NetError, NetEvent, PeerInfo, PublishFailure,
     RequestError, Responder, ResponseSlot,
 };
-use super::codec::FrameError;
-use super::codec::{Frame, ResponseMessage, error_reply, frame_error, unsupported_version_reply};
+use super::codec::{Frame, ResponseMessage, error_reply, unsupported_version_reply};
 use super::gossip::{self, GossipVerdict, SharedVerifier, Topic};
 use super::limits::{Misbehaviour, PeerLimits, Verdict};
 use super::rpc::{Protocol, Request, Response, RpcRequest};
@@ -154,10 +153,10 @@ impl EventLoop {
                 warn!(%peer, %addr, error = %e, "could not dial bootstrap peer");
             }
         }
-        if !peers.is_empty() {
-            if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
-                warn!(error = %e, "kademlia bootstrap did not start");
-            }
+        if !peers.is_empty()
+            && let Err(e) = self.swarm.behaviour_mut().kad.bootstrap()
+        {
+            warn!(error = %e, "kademlia bootstrap did not start");
         }
     }
 
@@ -311,7 +310,7 @@ impl EventLoop {
                 reply,
             } => {
                 let b = self.swarm.behaviour_mut();
-                let key = match request {
+                let key = match *request {
                     Request::Job(r) => {
                         (Protocol::Job, b.job.send_request(&peer, Frame::Message(r)))
                     }
@@ -339,7 +338,7 @@ impl EventLoop {
                 response,
                 reply,
             } => {
-                let _ = reply.send(self.respond(responder, response));
+                let _ = reply.send(self.respond(responder, *response));
             }
             Command::ReportMisbehaviour { peer, reason } => self.penalise(peer, reason),
             Command::PeerInfo { peer, reply } => {
@@ -726,6 +725,11 @@ impl EventLoop {
                         self.penalise(peer, Misbehaviour::Malformed);
                         Err(RequestError::Malformed(e))
                     }
+                    Frame::TooLarge { len, max } => {
+                        warn!(%peer, protocol = %R::PROTOCOL, len, max, "oversize response refused");
+                        self.penalise(peer, Misbehaviour::OversizeFrame);
+                        Err(RequestError::TooLarge { len, max })
+                    }
                 };
                 if let Some(reply) = self.pending_requests.remove(&(R::PROTOCOL, request_id)) {
                     let _ = reply.send(result);
@@ -738,9 +742,6 @@ impl EventLoop {
                 ..
             } => {
                 debug!(%peer, protocol = %R::PROTOCOL, error = %error, "outbound request failed");
-                if let OutboundFailure::Io(e) = &error {
-                    self.penalise_frame_error(peer, e);
-                }
                 let error = match error {
                     OutboundFailure::DialFailure => RequestError::DialFailure,
                     OutboundFailure::Timeout => RequestError::Timeout,
@@ -762,9 +763,6 @@ impl EventLoop {
                 if self.routed.remove(&(R::PROTOCOL, request_id)).is_some() {
                     self.limits.end_inbound(peer);
                 }
-                if let InboundFailure::Io(e) = &error {
-                    self.penalise_frame_error(peer, e);
-                }
             }
             request_response::Event::ResponseSent {
                 peer, request_id, ..
@@ -773,22 +771,6 @@ impl EventLoop {
                     self.limits.end_inbound(peer);
                 }
             }
-        }
-    }
-
-    /// Scores a peer whose stream failed because of what it sent (not a dropped connection).
-    fn penalise_frame_error(&mut self, peer: PeerId, e: &std::io::Error) {
-        match frame_error(e) {
-            Some(FrameError::TooLarge { len, max }) => {
-                warn!(%peer, len, max, "oversize frame refused");
-                self.penalise(peer, Misbehaviour::OversizeFrame);
-            }
-            Some(FrameError::BadLengthPrefix(why)) => {
-                warn!(%peer, reason = %why, "bad length prefix");
-                self.penalise(peer, Misbehaviour::Malformed);
-            }
-            // A truncated frame is what a dropped connection looks like too: not scored.
-            Some(FrameError::Truncated { .. } | FrameError::NotAMessage) | None => {}
         }
     }
 
@@ -824,6 +806,13 @@ impl EventLoop {
                 info!(%peer, %protocol, version = v, "request of an unsupported version refused");
                 self.reply_now::<R>(channel, unsupported_version_reply(v));
                 self.penalise(peer, Misbehaviour::UnsupportedVersion);
+                return;
+            }
+            Frame::TooLarge { len, max } => {
+                // Dropping the channel resets the stream unanswered; its body was never read.
+                warn!(%peer, %protocol, len, max, "oversize request refused");
+                drop(channel);
+                self.penalise(peer, Misbehaviour::OversizeFrame);
                 return;
             }
             Frame::Malformed(why) => {
