@@ -18,7 +18,7 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
 use crate::builtin::corpus;
-use crate::checkpoint::{Checkpoint, write_atomic, write_safetensors};
+use crate::checkpoint::{Checkpoint, read_safetensors, write_atomic, write_safetensors};
 use crate::config::{LlamaConfig, ModelConfig, RopeScaling};
 use crate::data::{Example, ShardPlan, build_shards};
 use crate::error::{Result, TrainerError};
@@ -233,7 +233,7 @@ pub struct PretrainReport {
 }
 
 /// Progress for progress bars.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum PretrainProgress {
     /// A step finished with this loss.
     Step {
@@ -245,7 +245,9 @@ pub enum PretrainProgress {
         loss: f32,
     },
     /// A held-out evaluation finished.
-    Eval(f64),
+    Eval(EvalPoint),
+    /// An interrupted run in the output directory is continued from this step.
+    Resumed(usize),
 }
 
 /// Pretrains the recipe's model on `device` (a plain device; autodiff is added here) and
@@ -322,12 +324,27 @@ pub fn pretrain(
     // scored by exact match at each eval.
     let copy_probe = corpus::copy_probe(recipe.corpus.seed ^ 0x00c0_ffee, 20);
 
-    let mut params = init_weights(&config, recipe.train.seed)?;
+    let (mut params, mut moments, mut evals, first_step, seconds_before) =
+        match ResumeState::read(out, recipe)? {
+            Some(state) => {
+                progress(PretrainProgress::Resumed(state.step));
+                (
+                    state.params,
+                    state.moments,
+                    state.evals,
+                    state.step,
+                    state.seconds,
+                )
+            }
+            None => {
+                let params = init_weights(&config, recipe.train.seed)?;
+                let moments = Moments::zeros_like(&params);
+                (params, moments, Vec::new(), 0, 0.0)
+            }
+        };
     let parameters = params.values().map(HostTensor::len).sum();
-    let mut moments = Moments::zeros_like(&params);
-    let mut evals = Vec::new();
     let (mut loss_sum, mut loss_steps) = (0f64, 0usize);
-    for step in 0..t.steps {
+    for step in first_step..t.steps {
         if cancel.load(Ordering::Relaxed) {
             return Err(TrainerError::Cancelled);
         }
@@ -384,7 +401,6 @@ pub fn pretrain(
                 std::slice::from_ref(&data.eval),
                 t.batch_size,
             )?;
-            progress(PretrainProgress::Eval(eval.loss));
             let copied = crate::eval::answers(
                 &model,
                 ForwardOptions::default(),
@@ -399,17 +415,20 @@ pub fn pretrain(
                 eval_loss: eval.loss,
                 copy_exact_match: crate::eval::exact_match(&copied),
             });
+            progress(PretrainProgress::Eval(evals[evals.len() - 1].clone()));
             (loss_sum, loss_steps) = (0.0, 0);
             // Save at every evaluation, so a long run that stops early still leaves a model.
             let report = PretrainReport {
                 parameters,
                 steps: step + 1,
                 tokens: ((step + 1) * t.batch_size) as u64 * u64::from(t.seq_len),
-                seconds: clock.elapsed().as_secs_f64(),
+                seconds: seconds_before + clock.elapsed().as_secs_f64(),
                 threads,
                 backend: backend.to_owned(),
                 evals: evals.clone(),
             };
+            // The state first: it alone is what a resumed run reads, and it is self-consistent.
+            ResumeState::write(out, recipe, &params, &moments, &report)?;
             save(out, &config, &params, &tokenizer_json, &report)?;
             if step + 1 == t.steps {
                 return Ok(report);
@@ -526,6 +545,132 @@ pub(crate) fn init_weights(c: &LlamaConfig, seed: u64) -> Result<NamedTensors> {
     }
     out.insert("model.norm.weight".into(), ones(h));
     Ok(out)
+}
+
+/// What an interrupted run leaves to continue from: weights, AdamW moments, the evaluations
+/// so far and the recipe they belong to, in one file written atomically at every evaluation.
+struct ResumeState {
+    step: usize,
+    seconds: f64,
+    params: NamedTensors,
+    moments: Moments,
+    evals: Vec<EvalPoint>,
+}
+
+/// The resume file inside the output directory.
+pub const RESUME_FILE: &str = "pretrain_state.safetensors";
+
+impl ResumeState {
+    fn write(
+        out: &Path,
+        recipe: &Recipe,
+        params: &NamedTensors,
+        moments: &Moments,
+        report: &PretrainReport,
+    ) -> Result<()> {
+        let mut tensors = NamedTensors::new();
+        for (prefix, set) in [
+            ("param.", params),
+            ("exp_avg.", &moments.exp_avg),
+            ("exp_avg_sq.", &moments.exp_avg_sq),
+        ] {
+            tensors.extend(set.iter().map(|(n, t)| (format!("{prefix}{n}"), t.clone())));
+        }
+        let text = |e: String| TrainerError::InvalidInput(e);
+        let meta = BTreeMap::from([
+            ("format".to_owned(), "swarmtune-pretrain-state".to_owned()),
+            ("step".to_owned(), report.steps.to_string()),
+            ("optimizer_step".to_owned(), moments.step.to_string()),
+            ("seconds".to_owned(), report.seconds.to_string()),
+            (
+                "recipe".to_owned(),
+                toml::to_string(recipe).map_err(|e| text(e.to_string()))?,
+            ),
+            (
+                "evals".to_owned(),
+                serde_json::to_string(&report.evals).map_err(|e| text(e.to_string()))?,
+            ),
+        ]);
+        std::fs::create_dir_all(out).map_err(|e| TrainerError::io(out, e))?;
+        write_safetensors(&out.join(RESUME_FILE), &tensors, &meta)
+    }
+
+    /// The state of an interrupted run of `recipe` in `out`, if there is one. A run of another
+    /// recipe is an error rather than silently overwritten; only `train.steps` and
+    /// `train.eval_every` may change, so that a run can be extended.
+    fn read(out: &Path, recipe: &Recipe) -> Result<Option<Self>> {
+        let path = out.join(RESUME_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let bad = |reason: String| TrainerError::Safetensors {
+            path: path.clone(),
+            reason,
+        };
+        let (tensors, meta) = read_safetensors(&path)?;
+        if meta.get("format").map(String::as_str) != Some("swarmtune-pretrain-state") {
+            return Err(bad("not a pretraining state".into()));
+        }
+        let field = |key: &str| {
+            meta.get(key)
+                .ok_or_else(|| bad(format!("no {key} in its metadata")))
+        };
+        let number = |key: &str| -> Result<u64> {
+            field(key)?.parse().map_err(|e| bad(format!("{key}: {e}")))
+        };
+        let saved: Recipe =
+            toml::from_str(field("recipe")?).map_err(|e| bad(format!("recipe: {e}")))?;
+        let comparable = |r: &Recipe| {
+            let mut r = r.clone();
+            r.train.steps = 0;
+            r.train.eval_every = 0;
+            r
+        };
+        if comparable(&saved) != comparable(recipe) {
+            return Err(TrainerError::InvalidInput(format!(
+                "{} holds a pretraining run of another recipe; choose another --out or delete it",
+                out.display()
+            )));
+        }
+        let step = number("step")? as usize;
+        if step >= recipe.train.steps {
+            return Err(TrainerError::InvalidInput(format!(
+                "{} already holds a run of {step} steps, not fewer than the recipe's {}; raise train.steps to continue it",
+                out.display(),
+                recipe.train.steps
+            )));
+        }
+        let evals: Vec<EvalPoint> =
+            serde_json::from_str(field("evals")?).map_err(|e| bad(format!("evals: {e}")))?;
+        let seconds: f64 = field("seconds")?
+            .parse()
+            .map_err(|e| bad(format!("seconds: {e}")))?;
+        let split = |prefix: &str| -> NamedTensors {
+            tensors
+                .iter()
+                .filter_map(|(n, t)| n.strip_prefix(prefix).map(|n| (n.to_owned(), t.clone())))
+                .collect()
+        };
+        let params = split("param.");
+        let moments = Moments {
+            step: number("optimizer_step")?,
+            exp_avg: split("exp_avg."),
+            exp_avg_sq: split("exp_avg_sq."),
+        };
+        if params.is_empty()
+            || !crate::tensors::same_layout(&params, &moments.exp_avg)
+            || !crate::tensors::same_layout(&params, &moments.exp_avg_sq)
+        {
+            return Err(bad("weights and moments do not match".into()));
+        }
+        Ok(Some(Self {
+            step,
+            seconds,
+            params,
+            moments,
+            evals,
+        }))
+    }
 }
 
 fn save(

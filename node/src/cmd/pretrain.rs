@@ -36,7 +36,24 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
                     let eval = last_eval.map_or(String::new(), |e: f64| format!("  eval {e:.3}"));
                     bar.set_message(format!("loss {loss:.3}{eval}"));
                 }
-                PretrainProgress::Eval(loss) => last_eval = Some(loss),
+                PretrainProgress::Resumed(step) => {
+                    bar.println(format!("continuing the run in {} from step {step}", args.out.display()));
+                    bar.set_position(step as u64);
+                }
+                PretrainProgress::Eval(point) => {
+                    last_eval = Some(point.eval_loss);
+                    // Without a terminal the bar is hidden; a log gets one line per eval.
+                    if bar.is_hidden() {
+                        eprintln!(
+                            "step {}/{}: train loss {:.4}, held-out loss {:.4}, copy exact match {:.0}%",
+                            point.step,
+                            recipe.train.steps,
+                            point.train_loss,
+                            point.eval_loss,
+                            100.0 * point.copy_exact_match
+                        );
+                    }
+                }
             },
             &AtomicBool::new(false),
         )
