@@ -18,7 +18,7 @@ use swarmtune_protocol::net::{
     Client, LimitsConfig, Misbehaviour, NetConfig, NetEvent, RateLimit, ResponseMessage, Topic,
     spawn, spawn_memory,
 };
-use swarmtune_protocol::v1;
+use swarmtune_protocol::{signed, v1};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
@@ -47,6 +47,7 @@ where
 }
 
 struct Node {
+    key: Keypair,
     client: Client,
     events: mpsc::Receiver<NetEvent>,
     addr: Multiaddr,
@@ -59,12 +60,14 @@ impl Node {
 }
 
 async fn memory_node(config: NetConfig) -> Node {
-    let (client, events) = spawn_memory(Keypair::generate_ed25519(), config).unwrap();
+    let key = Keypair::generate_ed25519();
+    let (client, events) = spawn_memory(key.clone(), config).unwrap();
     let addr = within("listen", client.listen_on("/memory/0".parse().unwrap()))
         .await
         .unwrap();
     let addr = addr.with(AddrPart::P2p(client.local_peer_id()));
     Node {
+        key,
         client,
         events,
         addr,
@@ -106,23 +109,25 @@ fn list_jobs(version: u32) -> v1::StatusRequest {
     }
 }
 
-fn envelope(topic: Topic, version: u32, note: &[u8]) -> Vec<u8> {
-    let payload = v1::JobAnnouncement {
+/// A job announcement with `job_id` = `note`, signed by its coordinator `key`.
+fn announcement(key: &Keypair, note: &[u8]) -> v1::Signed {
+    let message = v1::JobAnnouncement {
         protocol_version: 1,
         job_id: note.to_vec(),
+        coordinator_peer_id: key.public().to_peer_id().to_bytes(),
         ..Default::default()
-    }
-    .encode_to_vec();
-    v1::Signed {
-        protocol_version: version,
-        type_tag: topic.type_tag().into(),
-        payload,
-        public_key: vec![8, 1, 18, 32],
-        signature: vec![0; 64],
-        timestamp_unix_ms: 1,
-        nonce: 1,
-    }
-    .encode_to_vec()
+    };
+    signed::sign(key, &message, signed::unix_ms_now()).unwrap()
+}
+
+/// A module manifest signed by its coordinator `key`.
+fn manifest(key: &Keypair) -> v1::Signed {
+    let message = v1::ModuleManifest {
+        protocol_version: 1,
+        coordinator_peer_id: key.public().to_peer_id().to_bytes(),
+        ..Default::default()
+    };
+    signed::sign(key, &message, signed::unix_ms_now()).unwrap()
 }
 
 #[tokio::test]
@@ -222,7 +227,7 @@ async fn gossip_delivers_valid_messages_and_drops_invalid_ones() {
     within(
         "publish valid",
         b.client
-            .publish(Topic::Jobs, envelope(Topic::Jobs, 1, b"first")),
+            .publish(Topic::Jobs, announcement(&b.key, b"first").encode_to_vec()),
     )
     .await
     .unwrap();
@@ -236,14 +241,29 @@ async fn gossip_delivers_valid_messages_and_drops_invalid_ones() {
     .await;
     assert_eq!(first.topic, Topic::Jobs);
     assert_eq!(first.publisher, Some(b.peer()));
-    let announcement = v1::JobAnnouncement::decode(first.envelope.payload.as_slice()).unwrap();
-    assert_eq!(announcement.job_id, b"first");
+    let announced = v1::JobAnnouncement::decode(first.envelope.payload.as_slice()).unwrap();
+    assert_eq!(announced.job_id, b"first");
 
-    // Garbage, a wrong version, a manifest on the jobs topic: none may reach A's application.
+    // Garbage, a forged signature, a manifest on the jobs topic, an announcement signed by
+    // someone who is not its coordinator, and another version: none may reach A's application.
+    let mut forged = announcement(&b.key, b"forged");
+    forged.signature = vec![7; 64];
+    let stranger = Keypair::generate_ed25519();
+    let claims_a = v1::JobAnnouncement {
+        protocol_version: 1,
+        job_id: b"impostor".to_vec(),
+        coordinator_peer_id: a.peer().to_bytes(),
+        ..Default::default()
+    };
+    let not_the_coordinator = signed::sign(&stranger, &claims_a, signed::unix_ms_now()).unwrap();
+    let mut other_version = announcement(&b.key, b"v2");
+    other_version.protocol_version = 2;
     for bad in [
         vec![0xff, 0xff, 0xff, 0xff],
-        envelope(Topic::Jobs, 2, b"v2"),
-        envelope(Topic::Modules, 1, b"wrong topic"),
+        forged.encode_to_vec(),
+        manifest(&b.key).encode_to_vec(),
+        not_the_coordinator.encode_to_vec(),
+        other_version.encode_to_vec(),
     ] {
         within("publish invalid", b.client.publish(Topic::Jobs, bad))
             .await
@@ -252,7 +272,7 @@ async fn gossip_delivers_valid_messages_and_drops_invalid_ones() {
     within(
         "publish sentinel",
         b.client
-            .publish(Topic::Jobs, envelope(Topic::Jobs, 1, b"last")),
+            .publish(Topic::Jobs, announcement(&b.key, b"last").encode_to_vec()),
     )
     .await
     .unwrap();
@@ -264,15 +284,15 @@ async fn gossip_delivers_valid_messages_and_drops_invalid_ones() {
         }
     })
     .await;
-    let announcement = v1::JobAnnouncement::decode(next.envelope.payload.as_slice()).unwrap();
+    let announced = v1::JobAnnouncement::decode(next.envelope.payload.as_slice()).unwrap();
     assert_eq!(
-        announcement.job_id, b"last",
+        announced.job_id, b"last",
         "an invalid message was delivered"
     );
-    // Garbage and the wrong type tag are rejected and cost B; the other version only ignored.
+    // Four rejections cost B 20 each; the other version is only ignored.
     let info = a.client.peer_info(b.peer()).await.unwrap();
     assert!(
-        info.score < -30.0 && info.score > -45.0,
+        info.score < -70.0 && info.score > -85.0,
         "score {}",
         info.score
     );
@@ -588,7 +608,7 @@ async fn five_nodes_bootstrapped_from_one_find_each_other_and_all_get_a_message(
         "publish",
         nodes[last]
             .client
-            .publish(Topic::Modules, envelope(Topic::Modules, 1, b"to all")),
+            .publish(Topic::Modules, manifest(&nodes[last].key).encode_to_vec()),
     )
     .await
     .unwrap();

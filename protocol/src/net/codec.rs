@@ -16,8 +16,7 @@ use prost::Message;
 
 use crate::v1;
 
-/// The wire contract's version this node speaks (`ProtocolVersion.PROTOCOL_VERSION_V1`).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub use crate::PROTOCOL_VERSION;
 
 /// Largest encoded `JobRequest` / `JobResponse`: 64 KiB.
 pub const JOB_MAX_BYTES: usize = 64 * 1024;

@@ -3,8 +3,8 @@
 //!
 //! What can be checked from the bytes alone is checked here: size, the `Signed` envelope's
 //! encoding, its version and its payload's version, and that its type tag is the topic's.
-//! Whether the signature verifies and the signer may sign this type is the job of the
-//! signed-envelope module; it plugs in through [`EnvelopeVerifier`].
+//! Whether the signature verifies and the signer may sign this type is checked through
+//! [`EnvelopeVerifier`]; the default, [`SignatureVerifier`], uses `crate::signed`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use libp2p::gossipsub::{IdentTopic, TopicHash};
 use prost::Message;
 
 use super::codec::PROTOCOL_VERSION;
-use crate::v1;
+use crate::{signed, v1};
 
 /// Largest gossipsub message (the `Signed` envelope's encoding): 64 KiB.
 pub const GOSSIP_MAX_BYTES: usize = 64 * 1024;
@@ -90,10 +90,47 @@ pub trait EnvelopeVerifier: Send + Sync + 'static {
     ) -> GossipVerdict;
 }
 
-/// Accepts whatever passed the structural checks. The stand-in until the signed-envelope
-/// module provides the real verifier; the node must install that one.
+/// Accepts whatever passed the structural checks: for tests of the network layer alone.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StructuralOnly;
+
+/// The default verifier: the envelope's signature verifies (`crate::signed::verify`), its
+/// signer is the payload's `coordinator_peer_id`, and its timestamp is not more than 5
+/// minutes ahead of our clock. Staleness and duplicates (an older announcement, a manifest
+/// already held) need the application's state and are its business.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SignatureVerifier;
+
+impl EnvelopeVerifier for SignatureVerifier {
+    fn verify(&self, topic: Topic, _: Option<PeerId>, envelope: &v1::Signed) -> GossipVerdict {
+        let checked = match topic {
+            Topic::Jobs => signed::verify::<v1::JobAnnouncement>(envelope, None, GOSSIP_MAX_BYTES)
+                .map(|v| (v.signer, v.message.coordinator_peer_id)),
+            Topic::Modules => {
+                signed::verify::<v1::ModuleManifest>(envelope, None, GOSSIP_MAX_BYTES)
+                    .map(|v| (v.signer, v.message.coordinator_peer_id))
+            }
+        };
+        let (signer, coordinator) = match checked {
+            Ok(c) => c,
+            // Another version is for a newer peer, not an attack.
+            Err(e @ signed::SignedError::UnsupportedVersion { .. }) => {
+                return GossipVerdict::Ignore(e.to_string());
+            }
+            Err(e) => return GossipVerdict::Reject(e.to_string()),
+        };
+        if PeerId::from_bytes(&coordinator).ok() != Some(signer) {
+            return GossipVerdict::Reject(format!(
+                "signed by {signer}, which is not the coordinator the {} names",
+                topic.type_tag()
+            ));
+        }
+        if envelope.timestamp_unix_ms > signed::unix_ms_now() + signed::MAX_CLOCK_SKEW_MS {
+            return GossipVerdict::Ignore("timestamp more than 5 minutes ahead".into());
+        }
+        GossipVerdict::Accept
+    }
+}
 
 impl EnvelopeVerifier for StructuralOnly {
     fn verify(&self, _: Topic, _: Option<PeerId>, _: &v1::Signed) -> GossipVerdict {
@@ -239,6 +276,60 @@ mod tests {
         assert!(matches!(
             check_structure(Topic::Jobs, &data),
             Err(GossipVerdict::Reject(_))
+        ));
+    }
+
+    fn announcement(coordinator: &libp2p::identity::Keypair) -> v1::JobAnnouncement {
+        v1::JobAnnouncement {
+            protocol_version: 1,
+            job_id: vec![1; 32],
+            coordinator_peer_id: coordinator.public().to_peer_id().to_bytes(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_coordinator_signed_announcement_is_accepted() {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let env = signed::sign(&key, &announcement(&key), signed::unix_ms_now()).unwrap();
+        let data = env.encode_to_vec();
+        assert!(validate(Topic::Jobs, None, &data, &SignatureVerifier).is_ok());
+    }
+
+    #[test]
+    fn forged_tampered_and_wrong_signer_envelopes_are_rejected() {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let other = libp2p::identity::Keypair::generate_ed25519();
+        let now = signed::unix_ms_now();
+        // Signed by someone else than the coordinator it names.
+        let wrong_signer = signed::sign(&other, &announcement(&key), now).unwrap();
+        // A valid envelope with one payload byte changed.
+        let mut tampered = signed::sign(&key, &announcement(&key), now).unwrap();
+        let last = tampered.payload.len() - 1;
+        tampered.payload[last] ^= 1;
+        // A zero signature.
+        let mut forged = signed::sign(&key, &announcement(&key), now).unwrap();
+        forged.signature = vec![0; 64];
+        for env in [wrong_signer, tampered, forged] {
+            let data = env.encode_to_vec();
+            assert!(
+                matches!(
+                    validate(Topic::Jobs, None, &data, &SignatureVerifier),
+                    Err(GossipVerdict::Reject(_))
+                ),
+                "{env:?}"
+            );
+        }
+        // From the future: ignored, not rejected.
+        let ahead = signed::sign(&key, &announcement(&key), now + 3_600_000).unwrap();
+        assert!(matches!(
+            validate(
+                Topic::Jobs,
+                None,
+                &ahead.encode_to_vec(),
+                &SignatureVerifier
+            ),
+            Err(GossipVerdict::Ignore(_))
         ));
     }
 

@@ -19,7 +19,7 @@ pub use client::{
     Client, GossipMessage, InboundRequest, NetError, NetEvent, PeerInfo, RequestError, Responder,
 };
 pub use codec::{Frame, PROTOCOL_VERSION, ResponseMessage, WireMessage};
-pub use gossip::{EnvelopeVerifier, GossipVerdict, Topic};
+pub use gossip::{EnvelopeVerifier, GossipVerdict, SignatureVerifier, StructuralOnly, Topic};
 pub use limits::{LimitsConfig, Misbehaviour, Penalties, RateLimit};
 pub use rpc::{Protocol, Request, Response, RpcRequest};
 pub use swarm::{NetConfig, spawn, spawn_memory};

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::behaviour::{Behaviour, DEFAULT_PING_INTERVAL};
 use super::client::{Client, NetError, NetEvent};
 use super::event_loop::EventLoop;
-use super::gossip::{SharedVerifier, StructuralOnly, Topic};
+use super::gossip::{SharedVerifier, SignatureVerifier, Topic};
 use super::limits::LimitsConfig;
 
 /// What the swarm builder takes as a behaviour constructor's error.
@@ -59,7 +59,8 @@ pub struct NetConfig {
     pub event_queue: usize,
     /// How long `Client::publish` keeps retrying while no peer is subscribed to the topic.
     pub publish_retry: Duration,
-    /// The signature check of gossipsub envelopes (the signed-envelope module's verifier).
+    /// The checks of gossipsub envelopes beyond their structure ([`SignatureVerifier`] by
+    /// default).
     pub verifier: SharedVerifier,
 }
 
@@ -106,7 +107,7 @@ impl Default for NetConfig {
             command_queue: 64,
             event_queue: 256,
             publish_retry: Duration::from_secs(10),
-            verifier: Arc::new(StructuralOnly),
+            verifier: Arc::new(SignatureVerifier),
         }
     }
 }
