@@ -14,6 +14,7 @@ pub mod gossip;
 pub mod limits;
 pub mod rpc;
 pub mod swarm;
+pub mod transfer;
 
 pub use client::{
     Client, GossipMessage, InboundRequest, NetError, NetEvent, PeerInfo, RequestError, Responder,
