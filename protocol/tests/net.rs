@@ -491,6 +491,15 @@ impl request_response::Codec for RawCodec {
 /// Sends `bytes` as a raw request on `/swarmtune/job/1` to `target` from a bare swarm;
 /// returns what came back: the raw response bytes or the failure.
 async fn send_raw(target: &Node, bytes: Vec<u8>) -> (PeerId, Result<Vec<u8>, String>) {
+    send_raw_on(target, "/swarmtune/job/1", bytes).await
+}
+
+/// Sends `bytes` as a raw request on `protocol` to `target` from a bare swarm.
+async fn send_raw_on(
+    target: &Node,
+    protocol: &'static str,
+    bytes: Vec<u8>,
+) -> (PeerId, Result<Vec<u8>, String>) {
     let mut swarm = SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_other_transport(|key| {
@@ -505,10 +514,7 @@ async fn send_raw(target: &Node, bytes: Vec<u8>) -> (PeerId, Result<Vec<u8>, Str
         .with_behaviour(|_| {
             request_response::Behaviour::with_codec(
                 RawCodec,
-                [(
-                    StreamProtocol::new("/swarmtune/job/1"),
-                    ProtocolSupport::Outbound,
-                )],
+                [(StreamProtocol::new(protocol), ProtocolSupport::Outbound)],
                 request_response::Config::default(),
             )
         })
@@ -624,4 +630,69 @@ async fn five_nodes_bootstrapped_from_one_find_each_other_and_all_get_a_message(
         assert_eq!(got.topic, Topic::Modules);
         assert_eq!(got.publisher, Some(peers[last]));
     }
+}
+
+#[tokio::test]
+async fn oversize_truncated_and_garbage_frames_are_refused_on_every_protocol() {
+    let mut a = memory_node(NetConfig::for_tests()).await;
+    let mut seen = serve_status(&mut a);
+    let b = memory_node(NetConfig::for_tests()).await;
+    for protocol in swarmtune_protocol::net::Protocol::ALL {
+        let mut prefix = unsigned_varint::encode::usize_buffer();
+        // One byte over the limit, announced; a few bytes sent.
+        let mut oversize =
+            unsigned_varint::encode::usize(protocol.max_bytes() + 1, &mut prefix).to_vec();
+        oversize.extend_from_slice(&[0x08, 0x01, 0, 0]);
+        // 100 bytes announced, 10 sent, then the stream is closed.
+        let mut truncated = vec![100u8];
+        truncated.extend_from_slice(&[0x08; 10]);
+        // Within the limit, not protobuf.
+        let mut garbage = vec![6u8];
+        garbage.extend_from_slice(&[0xff; 6]);
+        for (what, bytes) in [
+            ("oversize", oversize),
+            ("truncated", truncated),
+            ("garbage", garbage),
+        ] {
+            let (_, outcome) = send_raw_on(&a, protocol.id(), bytes).await;
+            match what {
+                // Refused with an ErrorReply (MALFORMED), in the protocol's Response type.
+                "garbage" => {
+                    let raw = outcome.unwrap_or_else(|e| panic!("{protocol} {what}: {e}"));
+                    let (len, body) = unsigned_varint::decode::usize(&raw).unwrap();
+                    assert_eq!(len, body.len());
+                    // Every Response carries `error` as field 15: read it generically.
+                    let probe =
+                        v1::ErrorReply::decode(error_field(body).unwrap().as_slice()).unwrap();
+                    assert_eq!(probe.code, v1::ErrorCode::Malformed as i32, "{protocol}");
+                }
+                // Reset or closed without an answer.
+                _ => assert!(
+                    outcome.as_ref().map(|r| r.is_empty()).unwrap_or(true),
+                    "{protocol} {what}: {outcome:?}"
+                ),
+            }
+        }
+    }
+    // Nothing reached the application, and A still serves a well-formed request.
+    assert!(seen.try_recv().is_err());
+    connect(&b, &a).await;
+    let response = within("request", b.client.request(a.peer(), list_jobs(1)))
+        .await
+        .unwrap();
+    assert!(response.error().is_none(), "{response:?}");
+}
+
+/// The bytes of field 15 (`error`) of an encoded Response message.
+fn error_field(mut body: &[u8]) -> Option<Vec<u8>> {
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    while !body.is_empty() {
+        let (tag, wire_type) = decode_key(&mut body).ok()?;
+        if tag == 15 && wire_type == WireType::LengthDelimited {
+            let len = usize::try_from(decode_varint(&mut body).ok()?).ok()?;
+            return body.get(..len).map(<[u8]>::to_vec);
+        }
+        skip_field(wire_type, tag, &mut body, DecodeContext::default()).ok()?;
+    }
+    None
 }
