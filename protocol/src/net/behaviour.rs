@@ -33,7 +33,9 @@ pub type Rpc<Req, Resp> = request_response::Behaviour<ProstCodec<Req, Resp>>;
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     // First, so that a connection over the limits or from a banned peer is denied before any
-    // other behaviour sets up state for it.
+    // other behaviour sets up state for it. libp2p's `memory_connection_limits` is left out:
+    // it polls the process's memory through `sysinfo`, and a node's memory is dominated by
+    // training, not connections; the connection caps and bounded queues bound the network's.
     /// Caps on pending and established connections.
     pub connection_limits: connection_limits::Behaviour,
     /// Banned peers: their connections are closed and new ones refused.
