@@ -696,3 +696,36 @@ fn error_field(mut body: &[u8]) -> Option<Vec<u8>> {
     }
     None
 }
+
+#[tokio::test]
+async fn a_slow_application_makes_the_node_answer_unavailable_not_queue_without_end() {
+    // An event queue of 2 that nobody reads.
+    let config = NetConfig {
+        event_queue: 2,
+        ..NetConfig::for_tests()
+    };
+    let a = memory_node(config).await;
+    let b = memory_node(NetConfig::for_tests()).await;
+    connect(&b, &a).await;
+    let mut unavailable = 0;
+    let mut timed_out = 0;
+    for _ in 0..6 {
+        match b.client.request(a.peer(), list_jobs(1)).await {
+            Ok(response) => {
+                let error = response.error().expect("nobody answers, so only refusals");
+                assert_eq!(error.code, v1::ErrorCode::Unavailable as i32, "{error:?}");
+                assert!(error.retry_after_ms > 0);
+                unavailable += 1;
+            }
+            // The requests that did fit in the queue wait for an answer that never comes.
+            Err(swarmtune_protocol::net::RequestError::Timeout) => timed_out += 1,
+            Err(e) => panic!("unexpected failure: {e}"),
+        }
+        if timed_out > 0 && unavailable > 0 {
+            break;
+        }
+    }
+    assert!(unavailable > 0, "the queue never pushed back");
+    assert!(timed_out > 0, "no request was queued");
+    drop(a.events);
+}
