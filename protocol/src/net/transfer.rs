@@ -467,11 +467,14 @@ async fn fetch_chunks(
                         }
                         Err(FetchError::Store(BlobError::BadChunk { reason, .. })) => {
                             warn!(%peer, %id, index, %reason, "bad chunk; provider dropped");
-                            client
-                                .report_misbehaviour(peer, Misbehaviour::BadChunk)
-                                .await?;
+                            // Once per fetch: its other chunks already in flight are the same
+                            // offence, not new ones.
+                            if blamed.insert(peer) {
+                                client
+                                    .report_misbehaviour(peer, Misbehaviour::BadChunk)
+                                    .await?;
+                            }
                             providers.remove(&peer);
-                            blamed.insert(peer);
                             queue.push_back(index);
                         }
                         Err(e) => return Err(e),
@@ -484,11 +487,12 @@ async fn fetch_chunks(
                 }
                 _ => {
                     warn!(%peer, %id, index, "answered a chunk request with something else");
-                    client
-                        .report_misbehaviour(peer, Misbehaviour::Malformed)
-                        .await?;
+                    if blamed.insert(peer) {
+                        client
+                            .report_misbehaviour(peer, Misbehaviour::Malformed)
+                            .await?;
+                    }
                     providers.remove(&peer);
-                    blamed.insert(peer);
                     queue.push_back(index);
                 }
             },
