@@ -20,6 +20,8 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/swarmtune.v1.rs"));
 }
 
+pub mod net;
+
 #[cfg(test)]
 mod tests {
     use prost::Message;

@@ -1,0 +1,558 @@
+//! Blob transfer over `/swarmtune/blob/1` (issue 5, point 5, the network half): serving
+//! manifests and chunks from the blob store, and fetching a blob from the providers the DHT
+//! names, in verified chunks from several of them at once.
+//!
+//! The fetch follows `proto/swarmtune/v1/blob.proto`: one provider's manifest (checked), then
+//! the missing chunks from every provider in parallel (at most `max_in_flight` requests at
+//! once), each checked against the manifest by the blob store as it is written. A provider
+//! that sends a bad chunk is reported (its score drops) and dropped from this fetch; one whose
+//! connection fails is retried a few times before it is dropped, unscored. Progress lives in
+//! the store's partial download, so a fetch cut short resumes where it stopped. At the end the
+//! whole blob is checked against its id; a manifest that lied blames its provider and the
+//! fetch starts over from another one's. Then this node provides the blob.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use libp2p::PeerId;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::client::{Client, InboundRequest, NetError, RequestError};
+use super::codec::{PROTOCOL_VERSION, ResponseMessage, error_reply};
+use super::limits::Misbehaviour;
+use super::rpc::Request;
+use crate::blob_store::{BlobError, BlobStore, CHUNK_SIZE, ChunkManifest, PartialBlob};
+use crate::content::ContentId;
+use crate::v1;
+
+/// How a fetch behaves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FetchConfig {
+    /// Chunk requests in flight at once, over all providers.
+    pub max_in_flight: usize,
+    /// Chunk requests in flight at once to one provider.
+    pub max_in_flight_per_provider: usize,
+    /// Failed requests (not bad chunks) a provider may have before it is dropped.
+    pub max_failures_per_provider: usize,
+    /// How often the provider list is asked again when every provider was dropped.
+    pub provider_queries: usize,
+    /// How often a fetch starts over after a manifest lied.
+    pub max_manifest_restarts: usize,
+    /// The largest blob this fetch accepts (a manifest over it is refused).
+    pub max_blob_bytes: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 16,
+            max_in_flight_per_provider: 4,
+            max_failures_per_provider: 3,
+            provider_queries: 3,
+            max_manifest_restarts: 2,
+            max_blob_bytes: 16 << 30,
+        }
+    }
+}
+
+/// How far a fetch is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// The blob.
+    pub id: ContentId,
+    /// Bytes verified and written.
+    pub done_bytes: u64,
+    /// The blob's size.
+    pub total_bytes: u64,
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The DHT names no provider (or none is left that behaves).
+    #[error("no provider of {0} could deliver it")]
+    NoProviders(ContentId),
+    /// No provider gave a usable manifest.
+    #[error("no usable manifest for {id}: {last}")]
+    NoManifest {
+        /// The blob.
+        id: ContentId,
+        /// The last reason a manifest was refused.
+        last: String,
+    },
+    /// The store failed (disk, lock, limits).
+    #[error(transparent)]
+    Store(#[from] BlobError),
+    /// The network failed.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// A blocking store task panicked or was cancelled.
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// Serves `/swarmtune/blob/1` from `store`: takes the blob requests off the event stream and
+/// answers each from a blocking task, at most `concurrency` at once.
+pub async fn spawn_server(
+    client: &Client,
+    store: BlobStore,
+    concurrency: usize,
+) -> Result<JoinHandle<()>, NetError> {
+    let mut requests = client.take_blob_requests(concurrency.max(1) * 4).await?;
+    let client = client.clone();
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    Ok(tokio::spawn(async move {
+        while let Some(inbound) = requests.recv().await {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let (client, store) = (client.clone(), store.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                serve_one(&client, store, inbound).await;
+            });
+        }
+    }))
+}
+
+async fn serve_one(client: &Client, store: BlobStore, inbound: InboundRequest) {
+    let InboundRequest {
+        peer,
+        request,
+        responder,
+    } = inbound;
+    let Request::Blob(request) = request else {
+        debug!(%peer, "non-blob request routed to the blob server");
+        return;
+    };
+    let response = tokio::task::spawn_blocking(move || answer(&store, &request))
+        .await
+        .unwrap_or_else(|e| {
+            v1::BlobResponse::from_error(error_reply(
+                v1::ErrorCode::Internal,
+                format!("the blob server failed: {e}"),
+            ))
+        });
+    if let Err(e) = client.respond(responder, response).await {
+        debug!(%peer, error = %e, "blob response not sent");
+    }
+}
+
+/// The answer to one blob request, from the store.
+pub fn answer(store: &BlobStore, request: &v1::BlobRequest) -> v1::BlobResponse {
+    let body = match &request.body {
+        Some(v1::blob_request::Body::GetBlobManifest(get)) => {
+            match wanted(store, get.id.as_ref())
+                .and_then(|id| store.chunk_manifest(&id).map_err(|e| store_error(id, &e)))
+            {
+                Ok(manifest) => v1::blob_response::Body::BlobManifest(manifest.to_proto()),
+                Err(e) => v1::blob_response::Body::Error(e),
+            }
+        }
+        Some(v1::blob_request::Body::GetChunk(get)) => {
+            match wanted(store, get.id.as_ref()).and_then(|id| {
+                store
+                    .read_chunk(&id, get.index)
+                    .map(|data| (id, data))
+                    .map_err(|e| store_error(id, &e))
+            }) {
+                Ok((id, data)) => v1::blob_response::Body::Chunk(v1::Chunk {
+                    id: Some(id.to_proto()),
+                    index: get.index,
+                    data,
+                }),
+                Err(e) => v1::blob_response::Body::Error(e),
+            }
+        }
+        None => v1::blob_response::Body::Error(error_reply(
+            v1::ErrorCode::UnsupportedRequest,
+            "the blob request has no body this peer knows",
+        )),
+    };
+    v1::BlobResponse {
+        protocol_version: PROTOCOL_VERSION,
+        body: Some(body),
+    }
+}
+
+/// The blob a request names, if it is well formed and held here.
+fn wanted(store: &BlobStore, id: Option<&v1::ContentId>) -> Result<ContentId, v1::ErrorReply> {
+    let Some(id) = id else {
+        return Err(invalid_id("the request names no blob"));
+    };
+    let id = ContentId::try_from(id).map_err(|e| invalid_id(&e.to_string()))?;
+    if !store.contains(&id) {
+        return Err(error_reply(
+            v1::ErrorCode::NotFound,
+            format!("blob {id} is not held here"),
+        ));
+    }
+    Ok(id)
+}
+
+fn invalid_id(why: &str) -> v1::ErrorReply {
+    let mut e = error_reply(v1::ErrorCode::InvalidArgument, why.to_string());
+    e.field = "id".into();
+    e
+}
+
+fn store_error(id: ContentId, e: &BlobError) -> v1::ErrorReply {
+    match e {
+        BlobError::NotFound(_) | BlobError::Corrupt { .. } => error_reply(
+            v1::ErrorCode::NotFound,
+            format!("blob {id} is not held here"),
+        ),
+        BlobError::NoSuchChunk { .. } => {
+            let mut r = error_reply(v1::ErrorCode::InvalidArgument, e.to_string());
+            r.field = "index".into();
+            r
+        }
+        other => {
+            warn!(%id, error = %other, "blob store failed while serving");
+            error_reply(v1::ErrorCode::Internal, "the blob store failed")
+        }
+    }
+}
+
+/// Fetches blob `id` into `store` from the providers the DHT names, then provides it.
+/// Progress goes to `progress` when given (dropped, not waited for, when the receiver lags).
+pub async fn fetch(
+    client: &Client,
+    store: &BlobStore,
+    id: ContentId,
+    config: &FetchConfig,
+    progress: Option<mpsc::Sender<Progress>>,
+) -> Result<ContentId, FetchError> {
+    if store.contains(&id) {
+        client.start_providing(id.as_bytes().to_vec()).await?;
+        return Ok(id);
+    }
+    let mut blamed: HashSet<PeerId> = HashSet::new();
+    let mut restarts = 0;
+    loop {
+        let providers = find_providers(client, id, &blamed).await?;
+        let (manifest, manifest_from) = get_manifest(client, id, config, &providers).await?;
+        let store_for_partial = store.clone();
+        let manifest_for_partial = manifest.clone();
+        let partial = blocking(move || store_for_partial.partial(&manifest_for_partial)).await?;
+        let partial = Arc::new(Mutex::new(Some(partial)));
+        fetch_chunks(
+            client,
+            &manifest,
+            &partial,
+            config,
+            &providers,
+            &mut blamed,
+            &progress,
+        )
+        .await?;
+        let Some(partial) = partial.lock().ok().and_then(|mut p| p.take()) else {
+            return Err(FetchError::Task("the partial download was lost".into()));
+        };
+        match blocking(move || partial.finish()).await {
+            Ok(done) => {
+                info!(%id, size = manifest.size, "blob fetched");
+                client.start_providing(done.as_bytes().to_vec()).await?;
+                return Ok(done);
+            }
+            Err(FetchError::Store(BlobError::ManifestLied { .. }))
+                if restarts < config.max_manifest_restarts =>
+            {
+                warn!(%id, peer = %manifest_from, "manifest lied; starting over from another provider");
+                client
+                    .report_misbehaviour(
+                        manifest_from,
+                        Misbehaviour::Other("lying blob manifest".into()),
+                    )
+                    .await?;
+                blamed.insert(manifest_from);
+                restarts += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
+) -> Result<T, FetchError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FetchError::Task(e.to_string()))?
+        .map_err(FetchError::Store)
+}
+
+async fn find_providers(
+    client: &Client,
+    id: ContentId,
+    blamed: &HashSet<PeerId>,
+) -> Result<Vec<PeerId>, FetchError> {
+    let found = client.get_providers(id.as_bytes().to_vec()).await?;
+    let mut providers: Vec<PeerId> = found.into_iter().filter(|p| !blamed.contains(p)).collect();
+    providers.sort();
+    if providers.is_empty() {
+        return Err(FetchError::NoProviders(id));
+    }
+    Ok(providers)
+}
+
+async fn get_manifest(
+    client: &Client,
+    id: ContentId,
+    config: &FetchConfig,
+    providers: &[PeerId],
+) -> Result<(ChunkManifest, PeerId), FetchError> {
+    let mut last = String::from("no provider answered");
+    for &peer in providers {
+        let request = v1::BlobRequest {
+            protocol_version: PROTOCOL_VERSION,
+            body: Some(v1::blob_request::Body::GetBlobManifest(
+                v1::GetBlobManifest {
+                    id: Some(id.to_proto()),
+                },
+            )),
+        };
+        let response = match client.request(peer, request).await {
+            Ok(r) => r,
+            Err(e) => {
+                last = format!("{peer}: {e}");
+                continue;
+            }
+        };
+        let proto = match response.body {
+            Some(v1::blob_response::Body::BlobManifest(m)) => m,
+            Some(v1::blob_response::Body::Error(e)) => {
+                last = format!("{peer}: {}", e.message);
+                continue;
+            }
+            _ => {
+                last = format!("{peer}: answered a manifest request with something else");
+                client
+                    .report_misbehaviour(peer, Misbehaviour::Malformed)
+                    .await?;
+                continue;
+            }
+        };
+        let checked = ChunkManifest::try_from(&proto)
+            .map_err(|e| e.to_string())
+            .and_then(|m| {
+                if m.id != id {
+                    Err(format!("manifest of {} when {id} was asked", m.id))
+                } else {
+                    m.validate(config.max_blob_bytes)
+                        .map(|()| m)
+                        .map_err(|e| e.to_string())
+                }
+            });
+        match checked {
+            Ok(m) => return Ok((m, peer)),
+            Err(why) => {
+                warn!(%peer, %id, reason = %why, "manifest refused");
+                client
+                    .report_misbehaviour(
+                        peer,
+                        Misbehaviour::Other(format!("bad blob manifest: {why}")),
+                    )
+                    .await?;
+                last = format!("{peer}: {why}");
+            }
+        }
+    }
+    Err(FetchError::NoManifest { id, last })
+}
+
+/// One provider's standing during a fetch.
+#[derive(Debug, Default)]
+struct ProviderState {
+    in_flight: usize,
+    failures: usize,
+}
+
+type ChunkResult = (PeerId, u32, Result<v1::BlobResponse, RequestError>);
+
+async fn fetch_chunks(
+    client: &Client,
+    manifest: &ChunkManifest,
+    partial: &Arc<Mutex<Option<PartialBlob>>>,
+    config: &FetchConfig,
+    initial: &[PeerId],
+    blamed: &mut HashSet<PeerId>,
+    progress: &Option<mpsc::Sender<Progress>>,
+) -> Result<(), FetchError> {
+    let id = manifest.id;
+    let missing = with_partial(partial, |p| Ok(p.missing_chunks()))?;
+    let mut queue: VecDeque<u32> = missing.into_iter().collect();
+    let mut done_bytes = manifest.size - queue.iter().map(|&i| chunk_len(manifest, i)).sum::<u64>();
+    report(progress, id, done_bytes, manifest.size);
+
+    let mut providers: HashMap<PeerId, ProviderState> = initial
+        .iter()
+        .map(|p| (*p, ProviderState::default()))
+        .collect();
+    let mut queries_left = config.provider_queries;
+    let mut in_flight = FuturesUnordered::new();
+    let mut next = 0usize;
+
+    while !queue.is_empty() || !in_flight.is_empty() {
+        // Hand out chunks round-robin to providers with room, up to the overall bound.
+        let mut order: Vec<PeerId> = providers.keys().copied().collect();
+        order.sort();
+        while in_flight.len() < config.max_in_flight && !queue.is_empty() && !order.is_empty() {
+            let mut assigned = false;
+            for k in 0..order.len() {
+                let peer = order[(next + k) % order.len()];
+                let Some(state) = providers.get_mut(&peer) else {
+                    continue;
+                };
+                if state.in_flight >= config.max_in_flight_per_provider {
+                    continue;
+                }
+                let Some(index) = queue.pop_front() else {
+                    break;
+                };
+                state.in_flight += 1;
+                next = (next + k + 1) % order.len();
+                in_flight.push(request_chunk(client.clone(), peer, id, index));
+                assigned = true;
+                break;
+            }
+            if !assigned {
+                break;
+            }
+        }
+        if in_flight.is_empty() {
+            // Chunks left and nobody to ask: look the providers up again.
+            if queries_left == 0 {
+                return Err(FetchError::NoProviders(id));
+            }
+            queries_left -= 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for peer in find_providers(client, id, blamed).await? {
+                providers.entry(peer).or_default();
+            }
+            continue;
+        }
+        let Some((peer, index, result)) = in_flight.next().await else {
+            continue;
+        };
+        if let Some(state) = providers.get_mut(&peer) {
+            state.in_flight = state.in_flight.saturating_sub(1);
+        }
+        match result {
+            Ok(response) => match response.body {
+                Some(v1::blob_response::Body::Chunk(chunk))
+                    if chunk.index == index
+                        && chunk.id.as_ref().and_then(|c| ContentId::try_from(c).ok())
+                            == Some(id) =>
+                {
+                    let len = chunk.data.len() as u64;
+                    let data = chunk.data;
+                    let written = {
+                        let partial = partial.clone();
+                        tokio::task::spawn_blocking(move || {
+                            with_partial(&partial, |p| p.write_chunk(index, &data))
+                        })
+                        .await
+                        .map_err(|e| FetchError::Task(e.to_string()))?
+                    };
+                    match written {
+                        Ok(()) => {
+                            done_bytes += len;
+                            report(progress, id, done_bytes, manifest.size);
+                        }
+                        Err(FetchError::Store(BlobError::BadChunk { reason, .. })) => {
+                            warn!(%peer, %id, index, %reason, "bad chunk; provider dropped");
+                            // Once per fetch: its other chunks already in flight are the same
+                            // offence, not new ones.
+                            if blamed.insert(peer) {
+                                client
+                                    .report_misbehaviour(peer, Misbehaviour::BadChunk)
+                                    .await?;
+                            }
+                            providers.remove(&peer);
+                            queue.push_back(index);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Some(v1::blob_response::Body::Error(e)) => {
+                    debug!(%peer, %id, index, code = e.code, message = %e.message, "chunk refused");
+                    fail(&mut providers, peer, config);
+                    queue.push_back(index);
+                }
+                _ => {
+                    warn!(%peer, %id, index, "answered a chunk request with something else");
+                    if blamed.insert(peer) {
+                        client
+                            .report_misbehaviour(peer, Misbehaviour::Malformed)
+                            .await?;
+                    }
+                    providers.remove(&peer);
+                    queue.push_back(index);
+                }
+            },
+            Err(e) => {
+                // A dropped connection or a timeout: not the provider's fault, but after a few
+                // it is not worth asking any more in this fetch.
+                debug!(%peer, %id, index, error = %e, "chunk request failed");
+                fail(&mut providers, peer, config);
+                queue.push_back(index);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fail(providers: &mut HashMap<PeerId, ProviderState>, peer: PeerId, config: &FetchConfig) {
+    if let Some(state) = providers.get_mut(&peer) {
+        state.failures += 1;
+        if state.failures >= config.max_failures_per_provider {
+            providers.remove(&peer);
+        }
+    }
+}
+
+async fn request_chunk(client: Client, peer: PeerId, id: ContentId, index: u32) -> ChunkResult {
+    let request = v1::BlobRequest {
+        protocol_version: PROTOCOL_VERSION,
+        body: Some(v1::blob_request::Body::GetChunk(v1::GetChunk {
+            id: Some(id.to_proto()),
+            index,
+        })),
+    };
+    (peer, index, client.request(peer, request).await)
+}
+
+fn with_partial<T>(
+    partial: &Arc<Mutex<Option<PartialBlob>>>,
+    f: impl FnOnce(&mut PartialBlob) -> Result<T, BlobError>,
+) -> Result<T, FetchError> {
+    let mut guard = partial
+        .lock()
+        .map_err(|_| FetchError::Task("the partial download's lock was poisoned".into()))?;
+    let p = guard
+        .as_mut()
+        .ok_or_else(|| FetchError::Task("the partial download is finished".into()))?;
+    f(p).map_err(FetchError::Store)
+}
+
+fn chunk_len(manifest: &ChunkManifest, index: u32) -> u64 {
+    let start = u64::from(index) * CHUNK_SIZE;
+    manifest.size.saturating_sub(start).min(CHUNK_SIZE)
+}
+
+fn report(progress: &Option<mpsc::Sender<Progress>>, id: ContentId, done: u64, total: u64) {
+    if let Some(tx) = progress {
+        // A progress bar needs the latest figure, not every one: never wait for it.
+        let _ = tx.try_send(Progress {
+            id,
+            done_bytes: done,
+            total_bytes: total,
+        });
+    }
+}
