@@ -38,6 +38,29 @@ pub enum BenchCommand {
     Skill(BenchSkillArgs),
     /// LoRA training speed: tokens per second, step time and peak memory.
     Train(BenchTrainArgs),
+    /// Network speed on 127.0.0.1: blob transfer (against a plain TCP copy of the same file)
+    /// from 1 to N fetchers, and gossip delivery latency across in-process nodes.
+    Net(BenchNetArgs),
+}
+
+/// `swarmtune bench net`
+#[derive(Args, Debug)]
+pub struct BenchNetArgs {
+    /// Size of the blob moved, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub size_mib: usize,
+    /// Fetch with 1, 2, 4, … up to this many nodes at once.
+    #[arg(long, default_value_t = 4)]
+    pub fetchers: usize,
+    /// Nodes in the gossip mesh.
+    #[arg(long, default_value_t = 20)]
+    pub gossip_nodes: usize,
+    /// Messages published for the latency figures.
+    #[arg(long, default_value_t = 50)]
+    pub gossip_messages: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `swarmtune bench train`

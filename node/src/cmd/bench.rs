@@ -5,7 +5,7 @@ use swarmtune_trainer::builtin::skill::{self, SkillRun};
 use swarmtune_trainer::device::ThreadPool;
 use swarmtune_trainer::train::TrainSpec;
 
-use crate::cli::{BenchSkillArgs, BenchTrainArgs};
+use crate::cli::{BenchNetArgs, BenchSkillArgs, BenchTrainArgs};
 
 /// `swarmtune bench skill`.
 pub fn skill(args: BenchSkillArgs) -> anyhow::Result<()> {
@@ -99,6 +99,86 @@ pub fn train(args: BenchTrainArgs) -> anyhow::Result<()> {
         r.optimizer_ms,
         r.tokens_per_s,
         r.peak_rss_bytes as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
+
+/// `swarmtune bench net`.
+pub fn net(args: BenchNetArgs) -> anyhow::Result<()> {
+    use swarmtune_protocol::net::bench::{self, NetBenchConfig};
+    let config = NetBenchConfig {
+        blob_bytes: args.size_mib << 20,
+        max_fetchers: args.fetchers,
+        gossip_nodes: args.gossip_nodes,
+        gossip_messages: args.gossip_messages,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let json = args.json;
+    let r = runtime
+        .block_on(bench::run(&config, &mut |what| {
+            if !json {
+                eprintln!("measuring {what} ...");
+            }
+        }))
+        .map_err(|e| anyhow::anyhow!("bench net: {e}"))?;
+    let mib = |b: f64| b / f64::from(1u32 << 20);
+    if json {
+        let transfers: Vec<_> = r
+            .transfers
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "fetchers": t.fetchers,
+                    "seconds": t.seconds,
+                    "bytes_per_s": t.bytes_per_s,
+                    "ratio_to_plain_tcp": t.bytes_per_s / r.plain_tcp_bytes_per_s,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "blob_bytes": r.blob_bytes,
+            "plain_tcp_bytes_per_s": r.plain_tcp_bytes_per_s,
+            "plain_tcp_memory_bytes_per_s": r.plain_tcp_memory_bytes_per_s,
+            "transfers": transfers,
+            "gossip_nodes": r.gossip_nodes,
+            "gossip_delivered": r.gossip_delivered,
+            "gossip_latency_ms": {"p50": r.gossip_latency_ms[0], "p95": r.gossip_latency_ms[1], "max": r.gossip_latency_ms[2]},
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!("blob of {} MiB on 127.0.0.1", r.blob_bytes >> 20);
+    println!("| path | fetchers | seconds | MiB/s (sum) | vs plain TCP |");
+    println!("|---|---|---|---|---|");
+    let plain_s = r.blob_bytes as f64 / r.plain_tcp_bytes_per_s;
+    println!(
+        "| plain TCP copy, file to synced file | 1 | {plain_s:.3} | {:.0} | 1.00 |",
+        mib(r.plain_tcp_bytes_per_s)
+    );
+    println!(
+        "| plain TCP, memory to memory (no disk) | 1 | {:.3} | {:.0} | {:.2} |",
+        r.blob_bytes as f64 / r.plain_tcp_memory_bytes_per_s,
+        mib(r.plain_tcp_memory_bytes_per_s),
+        r.plain_tcp_memory_bytes_per_s / r.plain_tcp_bytes_per_s
+    );
+    for t in &r.transfers {
+        println!(
+            "| swarmtune blob fetch (noise, yamux, verified 1 MiB chunks, blob store) | {} | {:.3} | {:.0} | {:.2} |",
+            t.fetchers,
+            t.seconds,
+            mib(t.bytes_per_s),
+            t.bytes_per_s / r.plain_tcp_bytes_per_s
+        );
+    }
+    println!(
+        "gossipsub, {} nodes: {:.1}% delivered; latency p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms",
+        r.gossip_nodes,
+        100.0 * r.gossip_delivered,
+        r.gossip_latency_ms[0],
+        r.gossip_latency_ms[1],
+        r.gossip_latency_ms[2]
     );
     Ok(())
 }

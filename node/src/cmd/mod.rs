@@ -16,5 +16,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(args) => pretrain::run(args),
         Command::Bench(BenchCommand::Skill(args)) => bench::skill(args),
         Command::Bench(BenchCommand::Train(args)) => bench::train(args),
+        Command::Bench(BenchCommand::Net(args)) => bench::net(args),
     }
 }

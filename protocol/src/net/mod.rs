@@ -20,6 +20,7 @@
 //! - `transfer`: serving and fetching blobs in verified chunks.
 
 pub mod behaviour;
+pub mod bench;
 pub mod client;
 pub mod codec;
 mod event_loop;
