@@ -262,6 +262,8 @@ pub fn pretrain(
     cancel: &AtomicBool,
 ) -> Result<PretrainReport> {
     recipe.validate().map_err(TrainerError::InvalidInput)?;
+    // Before the minutes of corpus building: a directory holding another run fails at once.
+    let resumed = ResumeState::read(out, recipe)?;
     let clock = Instant::now();
     let tokenizer = byte_level_tokenizer()?;
     let eos = tokenizer.token_to_id(EOS_TOKEN).ok_or_else(|| {
@@ -316,32 +318,31 @@ pub fn pretrain(
     } else {
         None
     };
-    let copy_lease = match &copy_data {
-        Some(d) => Some(LeaseData::new(&d.train, config.vocab_size)?),
-        None => None,
-    };
+    let copy_lease = copy_data
+        .as_ref()
+        .map(|d| LeaseData::new(&d.train, config.vocab_size))
+        .transpose()?;
     // Random strings from a seed of their own (so the corpus almost surely lacks them),
     // scored by exact match at each eval.
     let copy_probe = corpus::copy_probe(recipe.corpus.seed ^ 0x00c0_ffee, 20);
 
-    let (mut params, mut moments, mut evals, first_step, seconds_before) =
-        match ResumeState::read(out, recipe)? {
-            Some(state) => {
-                progress(PretrainProgress::Resumed(state.step));
-                (
-                    state.params,
-                    state.moments,
-                    state.evals,
-                    state.step,
-                    state.seconds,
-                )
-            }
-            None => {
-                let params = init_weights(&config, recipe.train.seed)?;
-                let moments = Moments::zeros_like(&params);
-                (params, moments, Vec::new(), 0, 0.0)
-            }
-        };
+    let (mut params, mut moments, mut evals, first_step, seconds_before) = match resumed {
+        Some(state) => {
+            progress(PretrainProgress::Resumed(state.step));
+            (
+                state.params,
+                state.moments,
+                state.evals,
+                state.step,
+                state.seconds,
+            )
+        }
+        None => {
+            let params = init_weights(&config, recipe.train.seed)?;
+            let moments = Moments::zeros_like(&params);
+            (params, moments, Vec::new(), 0, 0.0)
+        }
+    };
     let parameters = params.values().map(HostTensor::len).sum();
     let (mut loss_sum, mut loss_steps) = (0f64, 0usize);
     for step in first_step..t.steps {
