@@ -708,6 +708,7 @@ impl BlobStore {
             part_path,
             record_path,
             done,
+            staged: Vec::new(),
         })
     }
 
@@ -985,6 +986,8 @@ pub struct PartialBlob {
     part_path: PathBuf,
     record_path: PathBuf,
     done: Vec<bool>,
+    /// Chunks written but not yet synced and recorded.
+    staged: Vec<u32>,
 }
 
 impl PartialBlob {
@@ -993,7 +996,7 @@ impl PartialBlob {
         &self.manifest
     }
 
-    /// Indices of the chunks not yet written, ascending.
+    /// Indices of the chunks not yet durably written (staged ones until their commit), ascending.
     pub fn missing_chunks(&self) -> Vec<u32> {
         (0..self.done.len() as u32)
             .filter(|&index| !self.done[index as usize])
@@ -1013,6 +1016,14 @@ impl PartialBlob {
     /// writes it durably and records it done. A bad chunk is `BlobError::BadChunk` and
     /// changes nothing; writing a chunk already done again is a no-op.
     pub fn write_chunk(&mut self, index: u32, data: &[u8]) -> Result<(), BlobError> {
+        self.stage_chunk(index, data)?;
+        self.commit().map(drop)
+    }
+
+    /// Checks chunk `index` as `write_chunk` does and writes it in place, without syncing or
+    /// recording it: it counts as done only after the next `commit`, so one sync can cover
+    /// many chunks. Staging a chunk already done or staged again is a no-op.
+    pub fn stage_chunk(&mut self, index: u32, data: &[u8]) -> Result<(), BlobError> {
         let id = self.manifest.id;
         let range = self
             .manifest
@@ -1033,20 +1044,36 @@ impl PartialBlob {
         if blake3::hash(data).as_bytes() != &self.manifest.chunk_hashes[index as usize] {
             return Err(bad(BadChunkReason::WrongHash));
         }
-        if self.done[index as usize] {
+        if self.done[index as usize] || self.staged.contains(&index) {
             return Ok(());
         }
         let path = &self.part_path;
         self.file.seek(SeekFrom::Start(range.start)).at(path)?;
         self.file.write_all(data).at(path)?;
+        self.staged.push(index);
+        Ok(())
+    }
+
+    /// Makes the staged chunks durable (one sync of the data, then the record) and returns
+    /// how many there were. If it fails they are dropped, not recorded, and must be written
+    /// again.
+    pub fn commit(&mut self) -> Result<usize, BlobError> {
+        if self.staged.is_empty() {
+            return Ok(0);
+        }
+        let staged = std::mem::take(&mut self.staged);
         // The record may only vouch for bytes that would survive a crash.
-        self.file.sync_data().at(path)?;
-        self.done[index as usize] = true;
+        self.file.sync_data().at(&self.part_path)?;
+        for &index in &staged {
+            self.done[index as usize] = true;
+        }
         if let Err(err) = self.save_record() {
-            self.done[index as usize] = false;
+            for &index in &staged {
+                self.done[index as usize] = false;
+            }
             return Err(err);
         }
-        Ok(())
+        Ok(staged.len())
     }
 
     /// Checks the whole blob against its id and moves it into the store. A blob whose chunks
@@ -1055,6 +1082,7 @@ impl PartialBlob {
     /// `BlobError::PartialDamaged` (they are marked missing again).
     pub fn finish(mut self) -> Result<ContentId, BlobError> {
         let id = self.manifest.id;
+        self.commit()?;
         let missing = self.missing_chunks().len();
         if missing > 0 {
             return Err(BlobError::Incomplete {
@@ -1625,6 +1653,44 @@ mod tests {
         assert_eq!(store.read(&manifest.id).unwrap(), data);
         assert_eq!(store.chunk_manifest(&manifest.id).unwrap(), manifest);
         assert!(files_in(&store.root().join("partial")).is_empty());
+    }
+
+    #[test]
+    fn staged_chunks_count_only_once_committed() {
+        let data = bytes(4 * MIB, "staged");
+        let manifest = ChunkManifest::for_bytes(&data);
+        let chunk = |i: u32| &data[i as usize * MIB..(i as usize + 1) * MIB];
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir, 1 << 30);
+
+        let mut partial = store.partial(&manifest).unwrap();
+        partial.stage_chunk(2, chunk(2)).unwrap();
+        partial.stage_chunk(0, chunk(0)).unwrap();
+        partial.stage_chunk(0, chunk(0)).unwrap();
+        assert!(matches!(
+            partial.stage_chunk(1, chunk(3)),
+            Err(BlobError::BadChunk { index: 1, .. })
+        ));
+        assert_eq!(
+            partial.missing_chunks(),
+            vec![0, 1, 2, 3],
+            "not durable yet"
+        );
+        assert_eq!(partial.commit().unwrap(), 2);
+        assert_eq!(partial.commit().unwrap(), 0);
+        assert_eq!(partial.missing_chunks(), vec![1, 3]);
+        // Staged and never committed: as if never written, after a restart.
+        partial.stage_chunk(1, chunk(1)).unwrap();
+        drop(partial);
+
+        let store = BlobStore::open(store.root(), 1 << 30).unwrap();
+        let mut partial = store.partial(&manifest).unwrap();
+        assert_eq!(partial.missing_chunks(), vec![1, 3]);
+        partial.stage_chunk(1, chunk(1)).unwrap();
+        partial.stage_chunk(3, chunk(3)).unwrap();
+        // Finishing commits what is staged.
+        assert_eq!(partial.finish().unwrap(), manifest.id);
+        assert_eq!(store.read(&manifest.id).unwrap(), data);
     }
 
     #[test]

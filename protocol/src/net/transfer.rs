@@ -397,12 +397,17 @@ async fn fetch_chunks(
     let mut queries_left = config.provider_queries;
     let mut in_flight = FuturesUnordered::new();
     let mut next = 0usize;
+    // Chunks received and handed to the writer, not yet durable (or refused). They count
+    // against `max_in_flight` too, so a slow disk slows the requests instead of piling up.
+    let mut writing = 0usize;
+    let capacity = config.max_in_flight.max(1);
+    let (to_writer, mut written) = spawn_writer(partial.clone(), capacity);
 
-    while !queue.is_empty() || !in_flight.is_empty() {
+    while !queue.is_empty() || !in_flight.is_empty() || writing > 0 {
         // Hand out chunks round-robin to providers with room, up to the overall bound.
         let mut order: Vec<PeerId> = providers.keys().copied().collect();
         order.sort();
-        while in_flight.len() < config.max_in_flight && !queue.is_empty() && !order.is_empty() {
+        while in_flight.len() + writing < capacity && !queue.is_empty() && !order.is_empty() {
             let mut assigned = false;
             for k in 0..order.len() {
                 let peer = order[(next + k) % order.len()];
@@ -425,7 +430,7 @@ async fn fetch_chunks(
                 break;
             }
         }
-        if in_flight.is_empty() {
+        if in_flight.is_empty() && writing == 0 {
             // Chunks left and nobody to ask: look the providers up again.
             if queries_left == 0 {
                 return Err(FetchError::NoProviders(id));
@@ -437,8 +442,32 @@ async fn fetch_chunks(
             }
             continue;
         }
-        let Some((peer, index, result)) = in_flight.next().await else {
-            continue;
+        let (peer, index, result) = tokio::select! {
+            event = written.recv(), if writing > 0 => {
+                writing -= 1;
+                match event {
+                    Some(Written::Durable { len }) => {
+                        done_bytes += len;
+                        report(progress, id, done_bytes, manifest.size);
+                    }
+                    Some(Written::Bad { peer, index, reason }) => {
+                        warn!(%peer, %id, index, %reason, "bad chunk; provider dropped");
+                        // Once per fetch: its other chunks already in flight are the same
+                        // offence, not new ones.
+                        if blamed.insert(peer) {
+                            client
+                                .report_misbehaviour(peer, Misbehaviour::BadChunk)
+                                .await?;
+                        }
+                        providers.remove(&peer);
+                        queue.push_back(index);
+                    }
+                    Some(Written::Failed(e)) => return Err(e),
+                    None => return Err(FetchError::Task("the chunk writer stopped".into())),
+                }
+                continue;
+            }
+            Some(response) = in_flight.next(), if !in_flight.is_empty() => response,
         };
         if let Some(state) = providers.get_mut(&peer) {
             state.in_flight = state.in_flight.saturating_sub(1);
@@ -450,34 +479,10 @@ async fn fetch_chunks(
                         && chunk.id.as_ref().and_then(|c| ContentId::try_from(c).ok())
                             == Some(id) =>
                 {
-                    let len = chunk.data.len() as u64;
-                    let data = chunk.data;
-                    let written = {
-                        let partial = partial.clone();
-                        tokio::task::spawn_blocking(move || {
-                            with_partial(&partial, |p| p.write_chunk(index, &data))
-                        })
-                        .await
-                        .map_err(|e| FetchError::Task(e.to_string()))?
-                    };
-                    match written {
-                        Ok(()) => {
-                            done_bytes += len;
-                            report(progress, id, done_bytes, manifest.size);
-                        }
-                        Err(FetchError::Store(BlobError::BadChunk { reason, .. })) => {
-                            warn!(%peer, %id, index, %reason, "bad chunk; provider dropped");
-                            // Once per fetch: its other chunks already in flight are the same
-                            // offence, not new ones.
-                            if blamed.insert(peer) {
-                                client
-                                    .report_misbehaviour(peer, Misbehaviour::BadChunk)
-                                    .await?;
-                            }
-                            providers.remove(&peer);
-                            queue.push_back(index);
-                        }
-                        Err(e) => return Err(e),
+                    writing += 1;
+                    // Never full: `writing` stays within the channel's capacity.
+                    if to_writer.send((peer, index, chunk.data)).await.is_err() {
+                        return Err(FetchError::Task("the chunk writer stopped".into()));
                     }
                 }
                 Some(v1::blob_response::Body::Error(e)) => {
@@ -506,6 +511,71 @@ async fn fetch_chunks(
         }
     }
     Ok(())
+}
+
+/// A chunk as received: who sent it, its index, its bytes.
+type Received = (PeerId, u32, Vec<u8>);
+
+/// What the chunk writer did with a chunk.
+enum Written {
+    /// Checked, written and synced: `len` more bytes are durable.
+    Durable { len: u64 },
+    /// The chunk does not match the manifest; `peer` sent it.
+    Bad {
+        peer: PeerId,
+        index: u32,
+        reason: crate::blob_store::BadChunkReason,
+    },
+    /// The store failed; the fetch cannot go on.
+    Failed(FetchError),
+}
+
+/// A blocking task that checks and writes received chunks into the partial download while
+/// the fetch goes on asking for more. It stages every chunk already waiting and then syncs
+/// them all at once, so a fast network pays one sync per batch, not one per chunk, and only
+/// synced chunks are reported durable. Both channels hold at most `capacity` entries.
+fn spawn_writer(
+    partial: Arc<Mutex<Option<PartialBlob>>>,
+    capacity: usize,
+) -> (mpsc::Sender<Received>, mpsc::Receiver<Written>) {
+    let (tx, mut rx) = mpsc::channel::<Received>(capacity);
+    let (events, written) = mpsc::channel(capacity);
+    tokio::task::spawn_blocking(move || {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            let mut out = Vec::with_capacity(batch.len());
+            let mut staged = Vec::with_capacity(batch.len());
+            let committed = with_partial(&partial, |p| {
+                for (peer, index, data) in batch {
+                    match p.stage_chunk(index, &data) {
+                        Ok(()) => staged.push(data.len() as u64),
+                        Err(BlobError::BadChunk { reason, .. }) => {
+                            out.push(Written::Bad {
+                                peer,
+                                index,
+                                reason,
+                            });
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                p.commit().map(drop)
+            });
+            match committed {
+                Ok(()) => out.extend(staged.into_iter().map(|len| Written::Durable { len })),
+                Err(e) => out.push(Written::Failed(e)),
+            }
+            for event in out {
+                if events.blocking_send(event).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (tx, written)
 }
 
 fn fail(providers: &mut HashMap<PeerId, ProviderState>, peer: PeerId, config: &FetchConfig) {

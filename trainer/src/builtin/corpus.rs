@@ -180,9 +180,7 @@ fn copying_random(rng: &mut StdRng) -> String {
     // before copying pays, and it takes several times as long to start (measured: both seeds
     // of the tiny shape copied by step 1000 on these strings, neither by 2400 on free ones).
     let len = rng.random_range(8..21);
-    let mut letters: Vec<char> = distinct_letters(rng, len)
-        .chars()
-        .collect();
+    let mut letters: Vec<char> = distinct_letters(rng, len).chars().collect();
     let words = rng.random_range(2..6);
     let mut cuts: Vec<usize> = (1..letters.len()).collect();
     cuts.shuffle(rng);
@@ -280,7 +278,10 @@ mod tests {
             let Some(text) = text else {
                 // A word repeated: the same distinct letters each time.
                 let words: Vec<&str> = doc.split(' ').collect();
-                assert!(words.len() >= 4 && words.iter().all(|w| *w == words[0]), "{doc}");
+                assert!(
+                    words.len() >= 4 && words.iter().all(|w| *w == words[0]),
+                    "{doc}"
+                );
                 let mut letters: Vec<char> = words[0].chars().collect();
                 letters.sort_unstable();
                 letters.dedup();
@@ -293,7 +294,11 @@ mod tests {
             unique.dedup();
             assert_eq!(unique.len(), letters.len(), "a letter repeats in {doc:?}");
             assert!((8..=20).contains(&letters.len()), "{doc:?}");
-            assert_eq!(doc.matches(text).count(), 2, "{doc:?} does not copy {text:?}");
+            assert_eq!(
+                doc.matches(text).count(),
+                2,
+                "{doc:?} does not copy {text:?}"
+            );
         }
     }
 }
