@@ -1,1 +1,7 @@
-//! placeholder
+//! The coordinator (issue 6): hosts training jobs, hands out leases, decides which deltas to
+//! trust, merges them robustly and publishes module versions. The math is the trainer's, the
+//! wire and blobs are the protocol's; this crate holds the rules and the state, all of it in
+//! one redb file so that a `kill -9` at any point loses nothing accepted.
+
+pub mod spec;
+pub mod verify;

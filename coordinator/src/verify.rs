@@ -1,0 +1,1 @@
+//! Verification of delivered deltas: cheap checks first, then segment challenges.
