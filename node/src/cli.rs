@@ -91,11 +91,11 @@ pub struct BenchTrainArgs {
 /// `swarmtune bench skill`
 #[derive(Args, Debug)]
 pub struct BenchSkillArgs {
-    /// Base model directory.
+    /// Base model directory [default: the built-in base].
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 500)]
     pub steps: usize,
     /// The skill: shout, number-words or add.
     #[arg(long, default_value = "shout")]
@@ -179,9 +179,9 @@ pub struct InspectGradsArgs {
 /// `swarmtune generate`
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Hugging Face model directory (with tokenizer.json).
+    /// Hugging Face model directory (with tokenizer.json) [default: the built-in base].
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// PEFT adapter directory.
     #[arg(long)]
     pub adapter: Option<PathBuf>,

@@ -141,9 +141,18 @@ fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
 /// Reads every tensor of a safetensors file as `f32`, with the file's metadata.
 pub fn read_safetensors(path: &Path) -> Result<(NamedTensors, HashMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| TrainerError::io(path, e))?;
-    parse_safetensors(&bytes).map_err(|reason| match reason {
+    safetensors_from_bytes(&bytes, path)
+}
+
+/// Reads every tensor of a safetensors image in memory as `f32`, with its metadata; `origin`
+/// names it in errors.
+pub fn safetensors_from_bytes(
+    bytes: &[u8],
+    origin: &Path,
+) -> Result<(NamedTensors, HashMap<String, String>)> {
+    parse_safetensors(bytes).map_err(|reason| match reason {
         ParseError::Format(reason) => TrainerError::Safetensors {
-            path: path.to_owned(),
+            path: origin.to_owned(),
             reason,
         },
         ParseError::Dtype { name, dtype } => TrainerError::UnsupportedDtype { name, dtype },

@@ -24,8 +24,9 @@ pub fn skill(args: BenchSkillArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} steps  {msg}")?
             .progress_chars("=> "),
     );
+    let model = super::model_dir(args.model.as_deref())?;
     let report = pool.install(|| {
-        skill::run(&args.model, &device, &run, &mut |p| {
+        skill::run(&model, &device, &run, &mut |p| {
             bar.set_position(p.step as u64);
             bar.set_message(format!("loss {:.3}", p.loss));
         })

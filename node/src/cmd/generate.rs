@@ -16,7 +16,8 @@ use crate::cli::GenerateArgs;
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let pool = ThreadPool::new(args.compute.threads)?;
     let device = args.compute.device.device()?;
-    let tokenizer_path = args.model.join("tokenizer.json");
+    let model_dir = super::model_dir(args.model.as_deref())?;
+    let tokenizer_path = model_dir.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tokenizer_path)
         .map_err(|e| anyhow!("{}: {e}", tokenizer_path.display()))?;
     let prompt = tokenizer
@@ -32,8 +33,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         })
         .transpose()?;
     pool.install(|| -> anyhow::Result<()> {
-        let model = CausalLm::load(&args.model, &device)
-            .with_context(|| format!("loading the model in {}", args.model.display()))?;
+        let model = CausalLm::load(&model_dir, &device)
+            .with_context(|| format!("loading the model in {}", model_dir.display()))?;
         let lora = adapter
             .as_ref()
             .map(|a| DeviceLora::new(a, &model.lora_sites(&a.config), &device, false, 0))

@@ -19,3 +19,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Net(args)) => bench::net(args),
     }
 }
+
+/// `dir`, or the built-in base unpacked into a directory of its own under the system's temp
+/// directory (named by its weights' hash, so each version is written once).
+pub fn model_dir(dir: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(dir) = dir {
+        return Ok(dir.to_owned());
+    }
+    let hash = swarmtune_trainer::builtin::base::weights_hash().to_hex();
+    let dir = std::env::temp_dir().join(format!("swarmtune-builtin-base-{}", &hash[..16]));
+    std::fs::create_dir_all(&dir)?;
+    swarmtune_trainer::builtin::base::write_to(&dir)?;
+    Ok(dir)
+}

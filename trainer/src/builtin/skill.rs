@@ -251,7 +251,7 @@ impl Default for SkillRun {
                     .collect(),
             },
             spec: crate::train::TrainSpec {
-                inner_steps: 300,
+                inner_steps: 500,
                 batch_size: 16,
                 micro_batch: 16,
                 learning_rate: 3e-3,
