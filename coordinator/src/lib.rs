@@ -3,5 +3,12 @@
 //! wire and blobs are the protocol's; this crate holds the rules and the state, all of it in
 //! one redb file so that a `kill -9` at any point loses nothing accepted.
 
+pub mod codec;
+pub mod engine;
+pub mod leases;
+pub mod merge;
+pub mod records;
+pub mod registry;
 pub mod spec;
+pub mod store;
 pub mod verify;

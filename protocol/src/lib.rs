@@ -2,6 +2,7 @@
 //! in `proto/swarmtune/v1` (see `proto/README.md`), content ids and the blob store. No ML here.
 
 pub mod blob_store;
+pub mod bundle;
 pub mod content;
 
 pub use blob_store::{BlobError, BlobStore, CHUNK_SIZE, ChunkManifest, PartialBlob};

@@ -163,6 +163,20 @@ fn signing_input(
     out
 }
 
+/// The BLAKE3 hash of what `envelope`'s signature covers: anyone holding the envelope can
+/// recompute it, it differs for every signing (the nonce is in it), and it is the same for
+/// every retry of one envelope. A job's id is this hash of its signed spec (job.proto).
+pub fn envelope_id(envelope: &v1::Signed) -> [u8; 32] {
+    let input = signing_input(
+        envelope.protocol_version,
+        &envelope.type_tag,
+        envelope.timestamp_unix_ms,
+        envelope.nonce,
+        &envelope.payload,
+    );
+    *blake3::hash(&input).as_bytes()
+}
+
 /// Signs `message` with `keypair` (Ed25519) at `timestamp_unix_ms`, with a fresh random nonce.
 pub fn sign<T: SignedPayload>(
     keypair: &Keypair,
@@ -413,7 +427,15 @@ mod tests {
             ok.signer
         );
         // Two signatures of the same message use different nonces.
-        assert_ne!(signed(&key, &manifest("sql"), 1_000).nonce, env.nonce);
+        let again = signed(&key, &manifest("sql"), 1_000);
+        assert_ne!(again.nonce, env.nonce);
+        // The envelope's id is the same for every copy of it, and differs for another signing
+        // of the same message or a changed payload.
+        assert_eq!(envelope_id(&env), envelope_id(&env.clone()));
+        assert_ne!(envelope_id(&again), envelope_id(&env));
+        let mut changed = env.clone();
+        changed.payload.push(0);
+        assert_ne!(envelope_id(&changed), envelope_id(&env));
     }
 
     #[test]

@@ -1,0 +1,1470 @@
+//! The coordinator's engine: the rules of a job from submission to its last version, on top
+//! of the store (state), the blob store (bytes) and the trainer (math). It does no
+//! networking: the service feeds it what peers send and carries out what it decides (fetch
+//! this blob, send that challenge), so every rule can be tested without a network.
+//!
+//! Every change is one store transaction. Long computations (preparing a job, verifying a
+//! delta, merging a round) run outside any transaction and commit their result in one, after
+//! checking that what they started from has not changed in between.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use libp2p_identity::{Keypair, PeerId};
+use prost::Message;
+use rand::SeedableRng;
+use swarmtune_protocol::net::codec::error_reply;
+use swarmtune_protocol::signed::{self, envelope_id};
+use swarmtune_protocol::{BlobStore, ContentId, bundle, v1};
+use swarmtune_trainer::checkpoint::{safetensors_bytes, safetensors_from_bytes};
+use swarmtune_trainer::data::{Example, Shard, ShardLimits, ShardPlan, build_shards};
+use swarmtune_trainer::eval::eval_loss;
+use swarmtune_trainer::lora::{Adapter, DeviceLora, LoraConfig};
+use swarmtune_trainer::model::{CausalLm, ForwardOptions};
+use swarmtune_trainer::tensors::NamedTensors;
+use swarmtune_trainer::train::{LeaseData, LocalTrainer, LoraState, Provenance};
+use tracing::{info, warn};
+
+use crate::leases::{self, LeaseAnswer, LeaseError, LeasePolicy, StartPoint};
+use crate::merge::{self, Contribution};
+use crate::records::{
+    DeltaRecord, DeltaStatus, JobRecord, JobState, LeaseRecord, LeaseState, Prepared,
+};
+use crate::registry;
+use crate::spec;
+use crate::store::{DELTAS, JOBS, LEASES, REPUTATIONS, Store, StoreError, u64_key};
+use crate::verify::{self, Rejection, Reputation, Verdict};
+
+/// Largest signed job spec (job.proto).
+pub const MAX_SPEC_BYTES: usize = 32 << 10;
+/// Largest signed delta envelope (delta.proto).
+pub const MAX_ENVELOPE_BYTES: usize = 256 << 10;
+
+/// Settings of a coordinator.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the database, blobs and unpacked bases live.
+    pub data_dir: PathBuf,
+    /// How leases are sized.
+    pub leases: LeasePolicy,
+    /// Largest blob accepted.
+    pub max_blob_bytes: u64,
+    /// Sequences per batch when evaluating.
+    pub eval_batch: usize,
+}
+
+impl Config {
+    /// Defaults for `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            leases: LeasePolicy::default(),
+            max_blob_bytes: 16 << 30,
+            eval_batch: 16,
+        }
+    }
+}
+
+/// Why the engine failed (as opposed to refusing a peer, which is an `ErrorReply`).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The blob store failed.
+    #[error(transparent)]
+    Blob(#[from] swarmtune_protocol::BlobError),
+    /// A bundle was invalid.
+    #[error(transparent)]
+    Bundle(#[from] bundle::BundleError),
+    /// The trainer failed.
+    #[error(transparent)]
+    Trainer(#[from] swarmtune_trainer::error::TrainerError),
+    /// Something the engine stored does not make sense any more.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<registry::RegistryError> for EngineError {
+    fn from(e: registry::RegistryError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+impl From<LeaseError> for EngineError {
+    fn from(e: LeaseError) -> Self {
+        match e {
+            LeaseError::Store(s) => Self::Store(s),
+            LeaseError::Refused(r) => Self::Internal(r.message),
+        }
+    }
+}
+
+/// A refusal or a failure, as the wire answers it.
+fn reply(e: EngineError) -> v1::ErrorReply {
+    warn!(error = %e, "coordinator failure");
+    error_reply(v1::ErrorCode::Internal, e.to_string())
+}
+
+/// What a job needs in memory to verify and merge: its base, its shards, its adapter layout.
+struct Runtime {
+    model: CausalLm,
+    train: Vec<Shard>,
+    eval: Vec<Shard>,
+    lora: LoraConfig,
+    layout: NamedTensors,
+}
+
+/// The coordinator.
+pub struct Coordinator {
+    store: Store,
+    blobs: BlobStore,
+    keypair: Keypair,
+    peer: PeerId,
+    config: Config,
+    device: burn::tensor::Device,
+    provenance: Provenance,
+    runtimes: Mutex<HashMap<[u8; 32], Arc<Runtime>>>,
+}
+
+/// What to do about a delivered delta next.
+#[derive(Debug)]
+pub enum Next {
+    /// Send this verdict to the volunteer; it is final and recorded.
+    Verdict(Box<v1::VerificationVerdict>),
+    /// Send this challenge to the volunteer and call [`Coordinator::answer_challenge`] with
+    /// its answer (or [`Coordinator::challenge_unanswered`] if none comes in time).
+    Challenge(v1::SegmentChallenge),
+}
+
+impl Coordinator {
+    /// Opens (or creates) the coordinator's state in `config.data_dir`, signing as `keypair`,
+    /// computing on `device` (`backend` and `threads` describe it for replay comparisons).
+    pub fn open(
+        config: Config,
+        keypair: Keypair,
+        device: burn::tensor::Device,
+        backend: &str,
+        threads: usize,
+    ) -> Result<Self, EngineError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| EngineError::Internal(format!("{}: {e}", config.data_dir.display())))?;
+        let store = Store::open(config.data_dir.join("coordinator.redb"))?;
+        let blobs = BlobStore::open(config.data_dir.join("blobs"), config.max_blob_bytes)?;
+        Ok(Self {
+            store,
+            blobs,
+            peer: keypair.public().to_peer_id(),
+            keypair,
+            config,
+            device,
+            provenance: Provenance::here(backend, threads),
+            runtimes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// This coordinator's PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer
+    }
+
+    /// The blob store (the service serves and fills it).
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    /// The state store (for status queries).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Intake
+
+    /// A job owner submits a signed spec. A retry of the same envelope gets the same answer.
+    pub fn submit(
+        &self,
+        envelope: &v1::Signed,
+        now: u64,
+    ) -> Result<v1::JobSubmitted, v1::ErrorReply> {
+        let verified = signed::verify::<v1::JobSpec>(envelope, None, MAX_SPEC_BYTES)
+            .map_err(|e| error_reply(e.code(), e.to_string()))?;
+        let spec = verified.message;
+        spec::validate_spec(&spec, &self.peer).map_err(|e| e.to_error_reply())?;
+        let id = envelope_id(envelope);
+        let owner = verified.signer.to_bytes();
+        self.store
+            .write(|w| {
+                if let Some(job) = w.get::<JobRecord>(JOBS, &id)? {
+                    return Ok(Ok(v1::JobSubmitted {
+                        job_id: id.to_vec(),
+                        state: job.state.to_proto() as i32,
+                    }));
+                }
+                if let Some(module) =
+                    w.get::<registry::ModuleRecord>(crate::store::MODULES, spec.module.as_bytes())?
+                {
+                    if module.owner != owner {
+                        return Ok(Err(error_reply(
+                            v1::ErrorCode::Unauthorized,
+                            format!("module {:?} belongs to another owner", spec.module),
+                        )));
+                    }
+                    if module.lora != spec.lora.clone().unwrap_or_default().encode_to_vec() {
+                        return Ok(Err(error_reply(
+                            v1::ErrorCode::Conflict,
+                            format!("module {:?} has another LoRA config", spec.module),
+                        )));
+                    }
+                }
+                w.put(
+                    JOBS,
+                    &id,
+                    &JobRecord {
+                        id,
+                        signed_spec: envelope.encode_to_vec(),
+                        owner: owner.clone(),
+                        module: spec.module.clone(),
+                        created_at_ms: now,
+                        state: JobState::Preparing,
+                        message: String::new(),
+                        prepared: None,
+                        round: 0,
+                        rounds_opened: 0,
+                        round_deadline_ms: 0,
+                        units: Vec::new(),
+                        rounds_merged: 0,
+                        tokens_trained: 0,
+                        latest_version: 0,
+                        momentum: None,
+                        replayed_steps: 0,
+                        judged_steps: 0,
+                    },
+                )?;
+                info!(job = %hex(&id), module = %spec.module, "job accepted");
+                Ok(Ok(v1::JobSubmitted {
+                    job_id: id.to_vec(),
+                    state: v1::JobState::Preparing as i32,
+                }))
+            })
+            .map_err(|e: EngineError| reply(e))?
+    }
+
+    /// The blobs a preparing job needs in the blob store before [`Coordinator::prepare`] can
+    /// run: its dataset, and its base unless it is named.
+    pub fn needed_blobs(&self, job_id: &[u8; 32]) -> Result<Vec<ContentId>, EngineError> {
+        let job = self.job(job_id)?;
+        let spec = decode_spec(&job)?;
+        let mut out = Vec::new();
+        if let Some(v1::job_spec::Base::BaseId(id)) = &spec.base {
+            out.push(content_id(id)?);
+        }
+        if let Some(v1::dataset_source::Source::Raw(raw)) =
+            spec.dataset.as_ref().and_then(|d| d.source.as_ref())
+            && let Some(blob) = &raw.blob
+        {
+            out.push(content_id(blob)?);
+        }
+        Ok(out
+            .into_iter()
+            .filter(|id| !self.blobs.contains(id))
+            .collect())
+    }
+
+    /// Prepares job `job_id` (its blobs must be in the store): unpacks the base, cuts the
+    /// dataset into shards, publishes the module's first version (or continues from its
+    /// latest) and opens round 1. A job that cannot be prepared is marked failed with the
+    /// reason.
+    pub fn prepare(&self, job_id: &[u8; 32], now: u64) -> Result<(), EngineError> {
+        match self.try_prepare(job_id, now) {
+            Ok(()) => Ok(()),
+            Err(e @ (EngineError::Store(_) | EngineError::Internal(_))) => Err(e),
+            Err(e) => {
+                warn!(job = %hex(job_id), error = %e, "job failed");
+                self.store.write(|w| {
+                    if let Some(mut job) = w.get::<JobRecord>(JOBS, job_id)? {
+                        job.state = JobState::Failed;
+                        job.message = e.to_string();
+                        w.put(JOBS, job_id, &job)?;
+                    }
+                    Ok::<_, EngineError>(())
+                })
+            }
+        }
+    }
+
+    fn try_prepare(&self, job_id: &[u8; 32], now: u64) -> Result<(), EngineError> {
+        let job = self.job(job_id)?;
+        if job.state != JobState::Preparing {
+            return Ok(());
+        }
+        let spec = decode_spec(&job)?;
+        let (base, base_name) = match &spec.base {
+            Some(v1::job_spec::Base::BaseName(name)) if name == "builtin" => {
+                let dir = self.config.data_dir.join("builtin-base");
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| EngineError::Internal(format!("{}: {e}", dir.display())))?;
+                swarmtune_trainer::builtin::base::write_to(&dir)?;
+                (bundle::put_dir(&self.blobs, &dir)?, name.clone())
+            }
+            Some(v1::job_spec::Base::BaseName(name)) => {
+                return Err(EngineError::Bundle(bundle::BundleError::Invalid {
+                    id: ContentId::of(name.as_bytes()),
+                    reason: format!("no base named {name:?} here; only `builtin`"),
+                }));
+            }
+            Some(v1::job_spec::Base::BaseId(id)) => (content_id(id)?, String::new()),
+            None => return Err(EngineError::Internal("the spec names no base".into())),
+        };
+        let base_dir = self.base_dir(&base)?;
+        let model = CausalLm::load(&base_dir, &self.device)?;
+        let lora_wire = spec.lora.clone().unwrap_or_default();
+        spec::check_lora_fits(&lora_wire, model.config())
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let (tokenizer, tokenizer_hash) =
+            swarmtune_trainer::data::load_tokenizer_with_hash(base_dir.join("tokenizer.json"))
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let eos = model.config().eos_token_id();
+
+        let (train_ids, eval_ids, seq_len) =
+            match spec.dataset.as_ref().and_then(|d| d.source.as_ref()) {
+                Some(v1::dataset_source::Source::Raw(raw)) => {
+                    let blob = content_id(
+                        raw.blob
+                            .as_ref()
+                            .ok_or_else(|| EngineError::Internal("no dataset blob".into()))?,
+                    )?;
+                    let examples = self.read_dataset(&blob, raw.format())?;
+                    let plan = ShardPlan {
+                        seq_len: raw.seq_len,
+                        seqs_per_shard: raw.seqs_per_shard,
+                        eval_fraction: raw.eval_fraction,
+                        seed: raw.shard_seed,
+                    };
+                    let sharded = build_shards(
+                        &examples,
+                        &tokenizer,
+                        tokenizer_hash,
+                        eos,
+                        eos.unwrap_or(0),
+                        &plan,
+                    )
+                    .map_err(|e| EngineError::Internal(format!("the dataset: {e}")))?;
+                    let mut train = Vec::new();
+                    for shard in &sharded.train {
+                        train.push(*self.blobs.put_bytes(&shard.encode())?.as_bytes());
+                    }
+                    let eval = vec![*self.blobs.put_bytes(&sharded.eval.encode())?.as_bytes()];
+                    (train, eval, raw.seq_len)
+                }
+                Some(v1::dataset_source::Source::Prepared(p)) => {
+                    let ids = |list: &[v1::ContentId]| -> Result<Vec<[u8; 32]>, EngineError> {
+                        list.iter()
+                            .map(|c| content_id(c).map(|c| *c.as_bytes()))
+                            .collect()
+                    };
+                    let train = ids(&p.train_shards)?;
+                    let first = self.shard(&train[0])?;
+                    (train, ids(&p.eval_shards)?, first.seq_len)
+                }
+                None => return Err(EngineError::Internal("the spec has no dataset".into())),
+            };
+        let prepared = Prepared {
+            base: *base.as_bytes(),
+            base_name,
+            train_shards: train_ids,
+            eval_shards: eval_ids,
+            seq_len,
+        };
+        // The module's first version is the fresh adapter (the base itself: B is zero), or
+        // the job continues the module from its latest version.
+        let existing = self.store.read(|r| registry::module(r, &spec.module))?;
+        let lora = lora_config(&lora_wire);
+        let sites = model.lora_sites(&lora);
+        let mut job = job;
+        job.prepared = Some(prepared.clone());
+        let runtime = self.runtime_for(&job)?;
+        let (first_version, first_manifest) = match existing {
+            Some(module) => {
+                if module.base != *base.as_bytes() {
+                    return Err(EngineError::Internal(format!(
+                        "module {:?} was trained on another base",
+                        spec.module
+                    )));
+                }
+                (module.latest, None)
+            }
+            None => {
+                let adapter = Adapter::init(lora.clone(), &sites, seed_of(job_id));
+                let adapter_id = self.put_tensors(&adapter.tensors)?;
+                let metrics = self.evaluate(&runtime, &adapter.tensors)?;
+                let manifest = v1::ModuleManifest {
+                    protocol_version: swarmtune_protocol::PROTOCOL_VERSION,
+                    module: spec.module.clone(),
+                    version: 1,
+                    parent_version: 0,
+                    coordinator_peer_id: self.peer.to_bytes(),
+                    job_id: job_id.to_vec(),
+                    round: 0,
+                    base: Some(base.to_proto()),
+                    base_name: prepared.base_name.clone(),
+                    adapter: Some(adapter_id.to_proto()),
+                    adapter_bytes: self.blobs.size(&adapter_id)?,
+                    lora: Some(lora_wire.clone()),
+                    metrics: Some(metrics),
+                    contributors: Vec::new(),
+                    created_at_unix_ms: now,
+                };
+                (1, Some(manifest))
+            }
+        };
+        self.store.write(|w| {
+            let Some(mut job) = w.get::<JobRecord>(JOBS, job_id)? else {
+                return Err(EngineError::Internal("the job vanished".into()));
+            };
+            if job.state != JobState::Preparing {
+                return Ok(());
+            }
+            if let Some(manifest) = &first_manifest {
+                let loss = manifest.metrics.as_ref().map_or(f64::INFINITY, |m| m.eval_loss);
+                registry::publish(w, &self.keypair, manifest, &job.owner, loss, now)?;
+            }
+            job.prepared = Some(prepared.clone());
+            job.latest_version = first_version;
+            job.state = JobState::Running;
+            leases::open_round(&mut job, &spec, now);
+            w.put(JOBS, job_id, &job)?;
+            info!(job = %hex(job_id), shards = prepared.train_shards.len(), "job running; round 1 open");
+            Ok(())
+        })
+    }
+
+    fn read_dataset(
+        &self,
+        blob: &ContentId,
+        format: v1::DatasetFormat,
+    ) -> Result<Vec<Example>, EngineError> {
+        let ext = match format {
+            v1::DatasetFormat::Jsonl => "jsonl",
+            _ => "txt",
+        };
+        let dir = tempfile::tempdir().map_err(|e| EngineError::Internal(e.to_string()))?;
+        let path = dir.path().join(format!("dataset.{ext}"));
+        let mut reader = self.blobs.open_verified(blob)?;
+        let mut file =
+            std::fs::File::create(&path).map_err(|e| EngineError::Internal(e.to_string()))?;
+        std::io::copy(&mut reader, &mut file)
+            .map_err(|e| EngineError::Internal(format!("the dataset blob: {e}")))?;
+        swarmtune_trainer::data::read_dataset(&path)
+            .map_err(|e| EngineError::Internal(format!("the dataset: {e}")))
+    }
+
+    /// The base bundle `base` unpacked under the data dir.
+    fn base_dir(&self, base: &ContentId) -> Result<PathBuf, EngineError> {
+        let dir = self.config.data_dir.join("bases").join(base.to_string());
+        bundle::write_dir(&self.blobs, base, &dir)?;
+        Ok(dir)
+    }
+
+    fn shard(&self, id: &[u8; 32]) -> Result<Shard, EngineError> {
+        let bytes = self.blobs.read(&ContentId::from_bytes(*id))?;
+        Shard::decode(&bytes, &ShardLimits::default())
+            .map_err(|e| EngineError::Internal(format!("shard {}: {e}", hex(id))))
+    }
+
+    fn put_tensors(&self, tensors: &NamedTensors) -> Result<ContentId, EngineError> {
+        let meta = std::collections::BTreeMap::from([("format".to_owned(), "pt".to_owned())]);
+        Ok(self.blobs.put_bytes(&safetensors_bytes(tensors, &meta))?)
+    }
+
+    fn tensors(&self, id: &ContentId) -> Result<NamedTensors, EngineError> {
+        let bytes = self.blobs.read(id)?;
+        Ok(safetensors_from_bytes(&bytes, &self.blobs.blob_path(id))?.0)
+    }
+
+    fn runtime_for(&self, job: &JobRecord) -> Result<Arc<Runtime>, EngineError> {
+        if let Some(rt) = self
+            .runtimes
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&job.id).cloned())
+        {
+            return Ok(rt);
+        }
+        let prepared = job
+            .prepared
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("the job is not prepared".into()))?;
+        let spec = decode_spec(job)?;
+        let dir = self.base_dir(&ContentId::from_bytes(prepared.base))?;
+        let model = CausalLm::load(&dir, &self.device)?.to_autodiff();
+        let lora = lora_config(&spec.lora.clone().unwrap_or_default());
+        let layout = Adapter::init(lora.clone(), &model.lora_sites(&lora), 0).tensors;
+        let train = prepared
+            .train_shards
+            .iter()
+            .map(|id| self.shard(id))
+            .collect::<Result<_, _>>()?;
+        let eval = prepared
+            .eval_shards
+            .iter()
+            .map(|id| self.shard(id))
+            .collect::<Result<_, _>>()?;
+        let rt = Arc::new(Runtime {
+            model,
+            train,
+            eval,
+            lora,
+            layout,
+        });
+        if let Ok(mut map) = self.runtimes.lock() {
+            map.insert(job.id, rt.clone());
+        }
+        Ok(rt)
+    }
+
+    fn evaluate(
+        &self,
+        rt: &Runtime,
+        params: &NamedTensors,
+    ) -> Result<v1::EvalMetrics, EngineError> {
+        let adapter = Adapter {
+            config: rt.lora.clone(),
+            tensors: params.clone(),
+        };
+        let lora = DeviceLora::new(
+            &adapter,
+            &rt.model.lora_sites(&rt.lora),
+            &self.device,
+            false,
+            0,
+        )?;
+        let eval = eval_loss(
+            &rt.model,
+            ForwardOptions { lora: Some(&lora) },
+            &rt.eval,
+            self.config.eval_batch,
+        )?;
+        Ok(v1::EvalMetrics {
+            eval_loss: eval.loss,
+            perplexity: eval.perplexity,
+            eval_tokens: eval.target_tokens,
+            exact_match: 0.0,
+            exact_match_examples: 0,
+        })
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Leases
+
+    /// A volunteer asks for work.
+    pub fn request_lease(
+        &self,
+        peer: &PeerId,
+        request: &v1::RequestLease,
+        now: u64,
+    ) -> Result<LeaseAnswer, v1::ErrorReply> {
+        let capabilities = request.capabilities.clone().unwrap_or_default();
+        let result = self.store.write(|w| {
+            if w.get::<Reputation>(REPUTATIONS, &peer.to_bytes())?
+                .is_some_and(|r| r.banned)
+            {
+                return Ok(Err(error_reply(
+                    v1::ErrorCode::Banned,
+                    "you are banned at this coordinator",
+                )));
+            }
+            let mut jobs: Vec<JobRecord> = if request.job_id.is_empty() {
+                w.scan::<JobRecord>(JOBS, &[])?
+                    .into_iter()
+                    .map(|(_, j)| j)
+                    .filter(|j| j.state == JobState::Running)
+                    .collect()
+            } else {
+                let Some(job) = w.get::<JobRecord>(JOBS, &request.job_id)? else {
+                    return Ok(Err(error_reply(
+                        v1::ErrorCode::NotFound,
+                        "no such job here",
+                    )));
+                };
+                vec![job]
+            };
+            if jobs.is_empty() {
+                return Ok(Ok(LeaseAnswer::NoWork(v1::NoWork {
+                    reason: v1::NoWorkReason::NoJobs as i32,
+                    retry_after_ms: 10_000,
+                    message: "no job is running here".into(),
+                })));
+            }
+            // Fairness: the job with the fewest leases out goes first.
+            jobs.sort_by_key(|j| (leases::active_leases(j), j.created_at_ms));
+            let mut last = None;
+            for mut job in jobs {
+                leases::expire(w, &mut job, now)?;
+                let spec = decode_spec(&job)?;
+                let start = self.start_point(w, &job)?;
+                let answer = leases::grant(
+                    w,
+                    &mut job,
+                    &spec,
+                    &start,
+                    peer,
+                    &capabilities,
+                    &self.config.leases,
+                    now,
+                )?;
+                w.put(JOBS, &job.id, &job)?;
+                if matches!(answer, LeaseAnswer::Granted(_)) {
+                    return Ok(Ok(answer));
+                }
+                last = Some(answer);
+            }
+            Ok(Ok(
+                last.unwrap_or(LeaseAnswer::NoWork(v1::NoWork::default()))
+            ))
+        });
+        match result {
+            Ok(answer) => answer,
+            Err(e) => Err(lease_reply(e)),
+        }
+    }
+
+    fn start_point(
+        &self,
+        w: &crate::store::Write<'_>,
+        job: &JobRecord,
+    ) -> Result<StartPoint, EngineError> {
+        let record = w
+            .get::<registry::VersionRecord>(
+                crate::store::VERSIONS,
+                &crate::store::version_key(&job.module, job.latest_version),
+            )?
+            .ok_or_else(|| {
+                EngineError::Internal(format!(
+                    "version {} of {} is missing",
+                    job.latest_version, job.module
+                ))
+            })?;
+        Ok(StartPoint {
+            version: job.latest_version,
+            adapter: ContentId::from_bytes(record.adapter),
+        })
+    }
+
+    /// A heartbeat.
+    pub fn renew_lease(
+        &self,
+        peer: &PeerId,
+        renew: &v1::RenewLease,
+        now: u64,
+    ) -> Result<v1::LeaseRenewed, v1::ErrorReply> {
+        self.store
+            .write(|w| {
+                let job = lease_job(w, renew.lease_id)?;
+                let spec = decode_spec(&job).map_err(|e| LeaseError::Refused(reply(e)))?;
+                leases::renew(w, &job, &spec, renew, peer, &self.config.leases, now)
+            })
+            .map_err(lease_error_reply)
+    }
+
+    /// A lease given back.
+    pub fn release_lease(
+        &self,
+        peer: &PeerId,
+        release: &v1::ReleaseLease,
+    ) -> Result<v1::LeaseReleased, v1::ErrorReply> {
+        self.store
+            .write(|w| {
+                let mut job = lease_job(w, release.lease_id)?;
+                let out = leases::release(w, &mut job, release.lease_id, peer)?;
+                w.put(JOBS, &job.id, &job)?;
+                Ok::<_, LeaseError>(out)
+            })
+            .map_err(lease_error_reply)
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Deltas
+
+    /// A volunteer delivers a signed delta envelope. Answered with a receipt (the delta
+    /// blob must then be fetched from `peer` and [`Coordinator::verify`] called), or with the
+    /// final verdict when it is refused at once.
+    pub fn submit_delta(
+        &self,
+        peer: &PeerId,
+        envelope: &v1::Signed,
+        now: u64,
+    ) -> Result<v1::delta_response::Body, v1::ErrorReply> {
+        let verified =
+            signed::verify::<v1::DeltaEnvelope>(envelope, Some(peer), MAX_ENVELOPE_BYTES)
+                .map_err(|e| error_reply(e.code(), e.to_string()))?;
+        let env = verified.message;
+        let bytes = envelope.encode_to_vec();
+        let result = self.store.write(|w| {
+            let Some(mut lease) = w.get::<LeaseRecord>(LEASES, &u64_key(env.lease_id))? else {
+                return Ok(Err(error_reply(
+                    v1::ErrorCode::NotFound,
+                    format!("no lease {}", env.lease_id),
+                )));
+            };
+            if lease.holder != peer.to_bytes() {
+                return Ok(Err(error_reply(
+                    v1::ErrorCode::Unauthorized,
+                    format!("lease {} is not yours", env.lease_id),
+                )));
+            }
+            if let Some(existing) = w.get::<DeltaRecord>(DELTAS, &u64_key(env.lease_id))? {
+                if existing.envelope != bytes {
+                    return Ok(Err(error_reply(
+                        v1::ErrorCode::Conflict,
+                        "this lease already has another delta",
+                    )));
+                }
+                return Ok(Ok(match existing.verdict {
+                    Some(v) => v1::delta_response::Body::Verdict(decode_verdict(&v)?),
+                    None => v1::delta_response::Body::DeltaReceipt(v1::DeltaReceipt {
+                        lease_id: env.lease_id,
+                        verdict_expected_by_unix_ms: 0,
+                    }),
+                }));
+            }
+            let mut job = w
+                .get::<JobRecord>(JOBS, &lease.job)?
+                .ok_or_else(|| EngineError::Internal("the lease's job vanished".into()))?;
+            let lease_msg = v1::Lease::decode(lease.lease.as_slice())
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
+            let seq_len = job.prepared.as_ref().map_or(0, |p| p.seq_len);
+            let delta_id = env.delta.as_ref().and_then(|c| ContentId::try_from(c).ok());
+            // Late, or not for this lease: the verdict at once.
+            let refusal = match leases::check_usable(&lease, &job, now) {
+                Err(LeaseError::Refused(r)) => Some(Rejection::new(
+                    if r.code() == v1::ErrorCode::RoundClosed {
+                        v1::RejectReason::RoundClosed
+                    } else {
+                        v1::RejectReason::Late
+                    },
+                    r.message,
+                )),
+                Err(LeaseError::Store(e)) => return Err(e.into()),
+                Ok(()) => verify::check_envelope(&env, &lease_msg, seq_len)
+                    .err()
+                    .or_else(|| {
+                        delta_id.is_none().then(|| {
+                            Rejection::new(
+                                v1::RejectReason::MalformedDelta,
+                                "the envelope names no delta blob",
+                            )
+                        })
+                    }),
+            };
+            let record = DeltaRecord {
+                envelope: bytes.clone(),
+                lease_id: env.lease_id,
+                job: job.id,
+                round: lease.round,
+                peer: peer.to_bytes(),
+                delta: delta_id.map_or([0; 32], |c| *c.as_bytes()),
+                tokens: env.tokens,
+                target_tokens: env.target_tokens,
+                status: DeltaStatus::Pending,
+                verdict: None,
+            };
+            if let Some(rejection) = refusal {
+                let verdict = self.decide(w, &mut job, record, Err(rejection), 0, now)?;
+                w.put(JOBS, &job.id, &job)?;
+                return Ok(Ok(v1::delta_response::Body::Verdict(verdict)));
+            }
+            lease.state = LeaseState::Delivered;
+            w.put(LEASES, &u64_key(env.lease_id), &lease)?;
+            if let Some(unit) = job.units.get_mut(lease.unit as usize) {
+                unit.delivered = true;
+            }
+            w.put(DELTAS, &u64_key(env.lease_id), &record)?;
+            w.put(JOBS, &job.id, &job)?;
+            Ok(Ok(v1::delta_response::Body::DeltaReceipt(
+                v1::DeltaReceipt {
+                    lease_id: env.lease_id,
+                    verdict_expected_by_unix_ms: job.round_deadline_ms,
+                },
+            )))
+        });
+        match result {
+            Ok(answer) => answer,
+            Err(e) => Err(reply(e)),
+        }
+    }
+
+    /// Deltas waiting for their blob and cheap checks: (lease id, volunteer, delta blob).
+    pub fn pending_deltas(&self) -> Result<Vec<(u64, PeerId, ContentId)>, EngineError> {
+        let all: Vec<(Vec<u8>, DeltaRecord)> = self.store.read(|r| r.scan(DELTAS, &[]))?;
+        Ok(all
+            .into_iter()
+            .filter(|(_, d)| d.status == DeltaStatus::Pending)
+            .filter_map(|(_, d)| {
+                Some((
+                    d.lease_id,
+                    PeerId::from_bytes(&d.peer).ok()?,
+                    ContentId::from_bytes(d.delta),
+                ))
+            })
+            .collect())
+    }
+
+    /// Runs the cheap checks on a delivered delta whose blob is now in the store (or records
+    /// that it could not be fetched, with `fetched = false`), and decides: a verdict, or a
+    /// challenge.
+    pub fn verify(&self, lease_id: u64, fetched: bool, now: u64) -> Result<Next, EngineError> {
+        let (record, lease, job, env) = self.delta_context(lease_id)?;
+        let rt = self.runtime_for(&job)?;
+        let spec = decode_spec(&job)?;
+        let policy = spec.verification.unwrap_or_default();
+        let checked = if fetched {
+            self.cheap_checks(&rt, &record, &lease, &env, &policy)
+        } else {
+            Err(Rejection::new(
+                v1::RejectReason::BlobUnavailable,
+                "the delta blob could not be fetched from you",
+            ))
+        };
+        if let Err(rejection) = checked {
+            return self
+                .finish(lease_id, Err(rejection), 0, now)
+                .map(|v| Next::Verdict(Box::new(v)));
+        }
+        let reputation: Reputation = self
+            .store
+            .read(|r| r.get(REPUTATIONS, &record.peer))?
+            .unwrap_or_default();
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        let segments = verify::plan_challenge(&env.commitments, &policy, &reputation, &mut rng);
+        if segments.is_empty() {
+            return self
+                .finish(lease_id, Ok(()), 0, now)
+                .map(|v| Next::Verdict(Box::new(v)));
+        }
+        let respond_by = now + 120_000;
+        self.store.write(|w| {
+            let mut d: DeltaRecord = w
+                .get(DELTAS, &u64_key(lease_id))?
+                .ok_or_else(|| EngineError::Internal("delta vanished".into()))?;
+            d.status = DeltaStatus::Challenged {
+                segments: segments.iter().map(Message::encode_to_vec).collect(),
+                respond_by_ms: respond_by,
+            };
+            w.put(DELTAS, &u64_key(lease_id), &d)?;
+            Ok::<_, EngineError>(())
+        })?;
+        Ok(Next::Challenge(v1::SegmentChallenge {
+            lease_id,
+            segments,
+            respond_by_unix_ms: respond_by,
+        }))
+    }
+
+    fn cheap_checks(
+        &self,
+        rt: &Runtime,
+        record: &DeltaRecord,
+        lease: &v1::Lease,
+        env: &v1::DeltaEnvelope,
+        policy: &v1::VerificationPolicy,
+    ) -> Result<(), Rejection> {
+        let internal =
+            |e: &dyn std::fmt::Display| Rejection::new(v1::RejectReason::Internal, e.to_string());
+        let bytes = self
+            .blobs
+            .read(&ContentId::from_bytes(record.delta))
+            .map_err(|e| internal(&e))?;
+        let delta = verify::decode_delta(&bytes, env, lease, &rt.layout)?;
+        verify::check_norm(&delta, policy)?;
+        let start = self.lease_start(lease).map_err(|e| internal(&e))?;
+        verify::check_start_commitment(
+            env,
+            &LoraState::start(&Adapter {
+                config: rt.lora.clone(),
+                tensors: start.clone(),
+            }),
+        )?;
+        let trainer = LocalTrainer::new(&rt.model, rt.lora.clone(), self.provenance.clone())
+            .map_err(|e| internal(&e))?;
+        let shards = lease_shards(
+            rt,
+            lease,
+            &self.prepared_of(lease).map_err(|e| internal(&e))?,
+        );
+        let data =
+            LeaseData::new(&shards, rt.model.config().vocab_size()).map_err(|e| internal(&e))?;
+        let train_spec = verify::train_spec(lease)?;
+        let (probe, mask) = data.batch(train_spec.seed, 0, train_spec.batch_size);
+        verify::check_probe_loss(
+            &trainer,
+            &start,
+            &delta,
+            (&probe, &mask),
+            policy.probe_loss_tolerance,
+        )?;
+        Ok(())
+    }
+
+    /// The volunteer's answer to a challenge: state blobs (already fetched into the store).
+    pub fn answer_challenge(
+        &self,
+        lease_id: u64,
+        answer: &v1::SegmentStates,
+        now: u64,
+    ) -> Result<v1::VerificationVerdict, EngineError> {
+        let (record, lease, job, env) = self.delta_context(lease_id)?;
+        let DeltaStatus::Challenged { segments, .. } = &record.status else {
+            return Err(EngineError::Internal(format!(
+                "lease {lease_id} was not challenged"
+            )));
+        };
+        let asked: Vec<v1::Segment> = segments
+            .iter()
+            .filter_map(|s| v1::Segment::decode(s.as_slice()).ok())
+            .collect();
+        let rt = self.runtime_for(&job)?;
+        let spec = decode_spec(&job)?;
+        let policy = spec.verification.unwrap_or_default();
+        let outcome = (|| -> Result<u64, Rejection> {
+            let internal = |e: &dyn std::fmt::Display| {
+                Rejection::new(v1::RejectReason::Internal, e.to_string())
+            };
+            if answer.states.len() != asked.len() {
+                return Err(Rejection::new(
+                    v1::RejectReason::ChallengeUnanswered,
+                    format!(
+                        "{} segments asked, {} answered",
+                        asked.len(),
+                        answer.states.len()
+                    ),
+                ));
+            }
+            let trainer = LocalTrainer::new(&rt.model, rt.lora.clone(), self.provenance.clone())
+                .map_err(|e| internal(&e))?;
+            let shards = lease_shards(
+                &rt,
+                &lease,
+                &self.prepared_of(&lease).map_err(|e| internal(&e))?,
+            );
+            let data = LeaseData::new(&shards, rt.model.config().vocab_size())
+                .map_err(|e| internal(&e))?;
+            let train_spec = verify::train_spec(&lease)?;
+            let replay = verify::Replay {
+                trainer: &trainer,
+                data: &data,
+                spec: &train_spec,
+                layout: &rt.layout,
+                provenance: &self.provenance,
+            };
+            let mut replayed = 0;
+            for (segment, state) in asked.iter().zip(&answer.states) {
+                let blob = |c: Option<&v1::ContentId>| -> Result<Option<Vec<u8>>, Rejection> {
+                    match c.and_then(|c| ContentId::try_from(c).ok()) {
+                        Some(id) => self.blobs.read(&id).map(Some).map_err(|e| {
+                            Rejection::new(
+                                v1::RejectReason::ChallengeUnanswered,
+                                format!("a state blob: {e}"),
+                            )
+                        }),
+                        None => Ok(None),
+                    }
+                };
+                let start = blob(state.start_state.as_ref())?.ok_or_else(|| {
+                    Rejection::new(v1::RejectReason::ChallengeUnanswered, "no start state")
+                })?;
+                let end = blob(state.end_state.as_ref())?;
+                verify::check_segment(
+                    &replay,
+                    &env,
+                    &policy,
+                    segment,
+                    &verify::SegmentAnswer {
+                        state,
+                        start_state: &start,
+                        end_state: end.as_deref(),
+                    },
+                )?;
+                replayed += segment.end_step.saturating_sub(segment.start_step);
+            }
+            Ok(replayed)
+        })();
+        let (result, replayed) = match outcome {
+            Ok(steps) => (Ok(()), steps),
+            Err(r) => (Err(r), 0),
+        };
+        let _ = record;
+        self.finish(lease_id, result, replayed, now)
+    }
+
+    /// The challenged volunteer did not answer in time.
+    pub fn challenge_unanswered(
+        &self,
+        lease_id: u64,
+        why: &str,
+        now: u64,
+    ) -> Result<v1::VerificationVerdict, EngineError> {
+        self.finish(
+            lease_id,
+            Err(Rejection::new(
+                v1::RejectReason::ChallengeUnanswered,
+                why.to_owned(),
+            )),
+            0,
+            now,
+        )
+    }
+
+    fn finish(
+        &self,
+        lease_id: u64,
+        result: Result<(), Rejection>,
+        replayed: u64,
+        now: u64,
+    ) -> Result<v1::VerificationVerdict, EngineError> {
+        self.store.write(|w| {
+            let record: DeltaRecord = w
+                .get(DELTAS, &u64_key(lease_id))?
+                .ok_or_else(|| EngineError::Internal("delta vanished".into()))?;
+            if let Some(v) = &record.verdict {
+                return decode_verdict(v);
+            }
+            let mut job: JobRecord = w
+                .get(JOBS, &record.job)?
+                .ok_or_else(|| EngineError::Internal("job vanished".into()))?;
+            let verdict = self.decide(w, &mut job, record, result, replayed, now)?;
+            w.put(JOBS, &job.id, &job)?;
+            Ok(verdict)
+        })
+    }
+
+    /// Records a verdict in the transaction `w`: the delta's status, the volunteer's
+    /// reputation (a ban drops its other deltas of the open round), the job's verification
+    /// accounting, and a rejected delta's unit goes back to the pool.
+    fn decide(
+        &self,
+        w: &crate::store::Write<'_>,
+        job: &mut JobRecord,
+        mut record: DeltaRecord,
+        result: Result<(), Rejection>,
+        replayed: u64,
+        now: u64,
+    ) -> Result<v1::VerificationVerdict, EngineError> {
+        let env = decode_envelope(&record.envelope)?;
+        let equal = verify::same_provenance(&env, &self.provenance);
+        let mut reputation: Reputation = w.get(REPUTATIONS, &record.peer)?.unwrap_or_default();
+        let (outcome, reason, message) = match &result {
+            Ok(()) => (
+                v1::VerdictOutcome::Accepted,
+                v1::RejectReason::Unspecified,
+                String::new(),
+            ),
+            Err(r) => (v1::VerdictOutcome::Rejected, r.reason, r.message.clone()),
+        };
+        let was_banned = reputation.banned;
+        let banned = reputation.apply(match &result {
+            Ok(()) => Verdict::Accepted,
+            Err(r) => Verdict::Rejected {
+                reason: r.reason,
+                equal_provenance: equal,
+            },
+        });
+        w.put(REPUTATIONS, &record.peer, &reputation)?;
+        job.replayed_steps += replayed;
+        job.judged_steps += env.steps;
+        let verdict = v1::VerificationVerdict {
+            job_id: record.job.to_vec(),
+            round: record.round,
+            lease_id: record.lease_id,
+            delta: env.delta.clone(),
+            peer_id: record.peer.clone(),
+            outcome: outcome as i32,
+            reason: reason as i32,
+            message: truncate(message, 1024),
+            segments_checked: 0,
+            reputation_after: reputation.score,
+            banned,
+            decided_at_unix_ms: now,
+        };
+        record.status = if result.is_ok() {
+            DeltaStatus::Accepted
+        } else {
+            DeltaStatus::Rejected
+        };
+        record.verdict = Some(verdict.encode_to_vec());
+        if result.is_err() && record.round == job.round {
+            // The work was not done (or not believably): someone else redoes it.
+            if let Some(lease) = w.get::<LeaseRecord>(LEASES, &u64_key(record.lease_id))?
+                && let Some(unit) = job.units.get_mut(lease.unit as usize)
+                && unit.lease == Some(record.lease_id)
+            {
+                unit.lease = None;
+                unit.delivered = false;
+            }
+        }
+        w.put(DELTAS, &u64_key(record.lease_id), &record)?;
+        if banned && !was_banned {
+            warn!(peer = %hex(&record.peer), reason = ?reason, "volunteer banned; its open deltas are dropped");
+            let all: Vec<(Vec<u8>, DeltaRecord)> = w.scan(DELTAS, &[])?;
+            for (key, mut other) in all {
+                if other.peer == record.peer
+                    && other.job == job.id
+                    && other.round == job.round
+                    && other.status != DeltaStatus::Rejected
+                {
+                    other.status = DeltaStatus::Rejected;
+                    w.put(DELTAS, &key, &other)?;
+                }
+            }
+        }
+        Ok(verdict)
+    }
+
+    fn delta_context(
+        &self,
+        lease_id: u64,
+    ) -> Result<(DeltaRecord, v1::Lease, JobRecord, v1::DeltaEnvelope), EngineError> {
+        self.store.read(|r| {
+            let record: DeltaRecord = r
+                .get(DELTAS, &u64_key(lease_id))?
+                .ok_or_else(|| EngineError::Internal(format!("no delta for lease {lease_id}")))?;
+            let lease: LeaseRecord = r
+                .get(LEASES, &u64_key(lease_id))?
+                .ok_or_else(|| EngineError::Internal(format!("no lease {lease_id}")))?;
+            let job: JobRecord = r
+                .get(JOBS, &record.job)?
+                .ok_or_else(|| EngineError::Internal("job vanished".into()))?;
+            let lease = v1::Lease::decode(lease.lease.as_slice())
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
+            let env = decode_envelope(&record.envelope)?;
+            Ok((record, lease, job, env))
+        })
+    }
+
+    fn lease_start(&self, lease: &v1::Lease) -> Result<NamedTensors, EngineError> {
+        let id = lease
+            .start_adapter
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("lease without start adapter".into()))?;
+        self.tensors(&content_id(id)?)
+    }
+
+    fn prepared_of(&self, lease: &v1::Lease) -> Result<Prepared, EngineError> {
+        let job: JobRecord = self.job(
+            lease
+                .job_id
+                .as_slice()
+                .try_into()
+                .map_err(|_| EngineError::Internal("bad job id".into()))?,
+        )?;
+        job.prepared
+            .ok_or_else(|| EngineError::Internal("the job is not prepared".into()))
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Rounds
+
+    /// Periodic work at `now`: lapsed leases go back to the pool, and rounds that reached
+    /// their quorum (or their deadline) are merged. Returns the jobs whose round closed.
+    pub fn tick(&self, now: u64) -> Result<Vec<[u8; 32]>, EngineError> {
+        let jobs: Vec<(Vec<u8>, JobRecord)> = self.store.read(|r| r.scan(JOBS, &[]))?;
+        let mut closed = Vec::new();
+        for (_, job) in jobs
+            .into_iter()
+            .filter(|(_, j)| j.state == JobState::Running)
+        {
+            self.store.write(|w| {
+                let Some(mut job) = w.get::<JobRecord>(JOBS, &job.id)? else {
+                    return Ok::<_, EngineError>(());
+                };
+                if !leases::expire(w, &mut job, now)?.is_empty() {
+                    w.put(JOBS, &job.id, &job)?;
+                }
+                Ok(())
+            })?;
+            let spec = decode_spec(&job)?;
+            let deltas = self.round_deltas(&job)?;
+            let accepted = deltas
+                .iter()
+                .filter(|d| d.status == DeltaStatus::Accepted)
+                .count();
+            let undecided = deltas.iter().any(|d| {
+                matches!(
+                    d.status,
+                    DeltaStatus::Pending | DeltaStatus::Challenged { .. }
+                )
+            });
+            let quorum = accepted >= spec.quorum as usize && !undecided;
+            if quorum || now >= job.round_deadline_ms {
+                self.close_round(&job.id, job.round, now)?;
+                closed.push(job.id);
+            }
+        }
+        Ok(closed)
+    }
+
+    fn round_deltas(&self, job: &JobRecord) -> Result<Vec<DeltaRecord>, EngineError> {
+        let all: Vec<(Vec<u8>, DeltaRecord)> = self.store.read(|r| r.scan(DELTAS, &[]))?;
+        Ok(all
+            .into_iter()
+            .map(|(_, d)| d)
+            .filter(|d| d.job == job.id && d.round == job.round)
+            .collect())
+    }
+
+    /// Merges (or abandons) the open round `round` of `job_id` and opens the next one, or
+    /// completes the job when its budget is spent.
+    pub fn close_round(&self, job_id: &[u8; 32], round: u64, now: u64) -> Result<(), EngineError> {
+        let job = self.job(job_id)?;
+        if job.state != JobState::Running || job.round != round {
+            return Ok(());
+        }
+        let spec = decode_spec(&job)?;
+        let deltas = self.round_deltas(&job)?;
+        let accepted: Vec<&DeltaRecord> = deltas
+            .iter()
+            .filter(|d| d.status == DeltaStatus::Accepted)
+            .collect();
+        // The merge, computed outside the transaction.
+        let outcome = if accepted.is_empty() {
+            None
+        } else {
+            let rt = self.runtime_for(&job)?;
+            let current = self
+                .store
+                .read(|r| registry::version_record(r, &job.module, job.latest_version))?
+                .ok_or_else(|| EngineError::Internal("the latest version is missing".into()))?;
+            let start = self.tensors(&ContentId::from_bytes(current.adapter))?;
+            let momentum = match job.momentum {
+                Some(id) => self.tensors(&ContentId::from_bytes(id))?,
+                None => NamedTensors::new(),
+            };
+            let mut contributions = Vec::new();
+            for d in &accepted {
+                let env = decode_envelope(&d.envelope)?;
+                let lease: LeaseRecord = self
+                    .store
+                    .read(|r| r.get(LEASES, &u64_key(d.lease_id)))?
+                    .ok_or_else(|| EngineError::Internal("lease vanished".into()))?;
+                let lease = v1::Lease::decode(lease.lease.as_slice())
+                    .map_err(|e| EngineError::Internal(e.to_string()))?;
+                let bytes = self.blobs.read(&ContentId::from_bytes(d.delta))?;
+                let delta = verify::decode_delta(&bytes, &env, &lease, &rt.layout)
+                    .map_err(|r| EngineError::Internal(r.message))?;
+                contributions.push(Contribution {
+                    lease_id: d.lease_id,
+                    peer: d.peer.clone(),
+                    tokens: d.tokens,
+                    target_tokens: d.target_tokens,
+                    delta,
+                });
+            }
+            let outer = spec.outer.unwrap_or_default();
+            let merged = merge::merge(&start, momentum, &mut contributions, &outer)
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
+            let metrics = self.evaluate(&rt, &merged.params)?;
+            let publish =
+                merge::passes_gate(metrics.eval_loss, current.eval_loss, spec.gate.as_ref());
+            let adapter = if publish {
+                Some(self.put_tensors(&merged.params)?)
+            } else {
+                None
+            };
+            let momentum_id = self.put_tensors(&merged.momentum)?;
+            Some((
+                contributions,
+                metrics,
+                adapter,
+                momentum_id,
+                current.eval_loss,
+            ))
+        };
+        self.store.write(|w| {
+            let Some(mut job) = w.get::<JobRecord>(JOBS, job_id)? else {
+                return Ok(());
+            };
+            if job.state != JobState::Running || job.round != round {
+                return Ok(());
+            }
+            // Leases still out in the closed round lapse with it.
+            for unit in &job.units {
+                if let Some(id) = unit.lease
+                    && let Some(mut lease) = w.get::<LeaseRecord>(LEASES, &u64_key(id))?
+                    && lease.state == LeaseState::Active
+                {
+                    lease.state = LeaseState::Expired;
+                    w.put(LEASES, &u64_key(id), &lease)?;
+                }
+            }
+            match &outcome {
+                None => info!(job = %hex(job_id), round, "round abandoned: no accepted delta"),
+                Some((contributions, metrics, adapter, momentum_id, previous)) => {
+                    job.rounds_merged += 1;
+                    job.tokens_trained += contributions.iter().map(|c| c.tokens).sum::<u64>();
+                    job.momentum = Some(*momentum_id.as_bytes());
+                    if let Some(adapter) = adapter {
+                        let prepared = job.prepared.clone().ok_or_else(|| EngineError::Internal("unprepared".into()))?;
+                        let manifest = v1::ModuleManifest {
+                            protocol_version: swarmtune_protocol::PROTOCOL_VERSION,
+                            module: job.module.clone(),
+                            version: job.latest_version + 1,
+                            parent_version: job.latest_version,
+                            coordinator_peer_id: self.peer.to_bytes(),
+                            job_id: job_id.to_vec(),
+                            round,
+                            base: Some(ContentId::from_bytes(prepared.base).to_proto()),
+                            base_name: prepared.base_name.clone(),
+                            adapter: Some(adapter.to_proto()),
+                            adapter_bytes: self.blobs.size(adapter)?,
+                            lora: spec.lora.clone(),
+                            metrics: Some(*metrics),
+                            contributors: merge::contributors(contributions),
+                            created_at_unix_ms: now,
+                        };
+                        registry::publish(w, &self.keypair, &manifest, &job.owner, metrics.eval_loss, now)?;
+                        job.latest_version += 1;
+                        info!(job = %hex(job_id), round, version = job.latest_version, eval_loss = metrics.eval_loss, previous, "version published");
+                    } else {
+                        info!(job = %hex(job_id), round, eval_loss = metrics.eval_loss, previous, "merge gated out");
+                    }
+                }
+            }
+            let spent = match spec.budget {
+                Some(v1::job_spec::Budget::Rounds(n)) => job.rounds_merged >= n,
+                Some(v1::job_spec::Budget::TokenBudget(t)) => job.tokens_trained >= t,
+                None => true,
+            };
+            if spent {
+                job.state = JobState::Completed;
+                job.round = 0;
+                job.units.clear();
+                info!(job = %hex(job_id), "job completed");
+            } else {
+                leases::open_round(&mut job, &spec, now);
+            }
+            w.put(JOBS, job_id, &job)?;
+            Ok::<_, EngineError>(())
+        })
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Status
+
+    /// A job's record.
+    pub fn job(&self, id: &[u8; 32]) -> Result<JobRecord, EngineError> {
+        self.store
+            .read(|r| r.get::<JobRecord>(JOBS, id))?
+            .ok_or_else(|| EngineError::Internal(format!("no job {}", hex(id))))
+    }
+
+    /// Ids of jobs waiting to be prepared.
+    pub fn preparing_jobs(&self) -> Result<Vec<[u8; 32]>, EngineError> {
+        let jobs: Vec<(Vec<u8>, JobRecord)> = self.store.read(|r| r.scan(JOBS, &[]))?;
+        Ok(jobs
+            .into_iter()
+            .filter(|(_, j)| j.state == JobState::Preparing)
+            .map(|(_, j)| j.id)
+            .collect())
+    }
+
+    /// Verification compute as a share of the training compute judged, for a job.
+    pub fn verification_overhead(&self, id: &[u8; 32]) -> Result<f64, EngineError> {
+        let job = self.job(id)?;
+        Ok(if job.judged_steps == 0 {
+            0.0
+        } else {
+            job.replayed_steps as f64 / job.judged_steps as f64
+        })
+    }
+}
+
+fn lease_job(w: &crate::store::Write<'_>, lease_id: u64) -> Result<JobRecord, LeaseError> {
+    let lease = w
+        .get::<LeaseRecord>(LEASES, &u64_key(lease_id))?
+        .ok_or_else(|| {
+            LeaseError::Refused(error_reply(
+                v1::ErrorCode::NotFound,
+                format!("no lease {lease_id}"),
+            ))
+        })?;
+    w.get::<JobRecord>(JOBS, &lease.job)?.ok_or_else(|| {
+        LeaseError::Refused(error_reply(
+            v1::ErrorCode::NotFound,
+            "the lease's job is gone",
+        ))
+    })
+}
+
+fn lease_error_reply(e: LeaseError) -> v1::ErrorReply {
+    match e {
+        LeaseError::Refused(r) => r,
+        LeaseError::Store(s) => reply(s.into()),
+    }
+}
+
+fn lease_reply(e: EngineError) -> v1::ErrorReply {
+    reply(e)
+}
+
+fn lease_shards(rt: &Runtime, lease: &v1::Lease, prepared: &Prepared) -> Vec<Shard> {
+    lease
+        .shards
+        .iter()
+        .filter_map(|c| ContentId::try_from(c).ok())
+        .filter_map(|c| prepared.train_shards.iter().position(|s| s == c.as_bytes()))
+        .filter_map(|i| rt.train.get(i).cloned())
+        .collect()
+}
+
+fn decode_spec(job: &JobRecord) -> Result<v1::JobSpec, EngineError> {
+    let envelope = v1::Signed::decode(job.signed_spec.as_slice())
+        .map_err(|e| EngineError::Internal(format!("stored spec: {e}")))?;
+    v1::JobSpec::decode(envelope.payload.as_slice())
+        .map_err(|e| EngineError::Internal(format!("stored spec: {e}")))
+}
+
+fn decode_envelope(bytes: &[u8]) -> Result<v1::DeltaEnvelope, EngineError> {
+    let envelope = v1::Signed::decode(bytes)
+        .map_err(|e| EngineError::Internal(format!("stored envelope: {e}")))?;
+    v1::DeltaEnvelope::decode(envelope.payload.as_slice())
+        .map_err(|e| EngineError::Internal(format!("stored envelope: {e}")))
+}
+
+fn decode_verdict(bytes: &[u8]) -> Result<v1::VerificationVerdict, EngineError> {
+    v1::VerificationVerdict::decode(bytes)
+        .map_err(|e| EngineError::Internal(format!("stored verdict: {e}")))
+}
+
+fn content_id(c: &v1::ContentId) -> Result<ContentId, EngineError> {
+    ContentId::try_from(c).map_err(|e| EngineError::Internal(e.to_string()))
+}
+
+fn lora_config(l: &v1::LoraConfig) -> LoraConfig {
+    LoraConfig {
+        rank: l.rank as usize,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        target_modules: l.target_modules.clone(),
+    }
+}
+
+fn seed_of(id: &[u8; 32]) -> u64 {
+    u64::from_le_bytes(id[..8].try_into().unwrap_or([0; 8]))
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Lowercase hex of bytes, for logs.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
