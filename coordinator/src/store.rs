@@ -78,9 +78,7 @@ impl Store {
         let store = Self { db, path };
         store.write(|w| {
             for table in ALL {
-                w.txn
-                    .open_table(table.0)
-                    .map_err(|e| db_error(w.path, e))?;
+                w.txn.open_table(table.0).map_err(|e| db_error(w.path, e))?;
             }
             Ok::<_, StoreError>(())
         })?;
@@ -97,16 +95,12 @@ impl Store {
         &self,
         change: impl FnOnce(&Write<'_>) -> Result<R, E>,
     ) -> Result<R, E> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| db_error(&self.path, e))?;
+        let txn = self.db.begin_write().map_err(|e| db_error(&self.path, e))?;
         let out = change(&Write {
             txn: &txn,
             path: &self.path,
         })?;
-        txn.commit()
-            .map_err(|e| db_error(&self.path, e))?;
+        txn.commit().map_err(|e| db_error(&self.path, e))?;
         Ok(out)
     }
 
@@ -115,10 +109,7 @@ impl Store {
         &self,
         query: impl FnOnce(&Read<'_>) -> Result<R, E>,
     ) -> Result<R, E> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| db_error(&self.path, e))?;
+        let txn = self.db.begin_read().map_err(|e| db_error(&self.path, e))?;
         query(&Read {
             txn,
             path: &self.path,
