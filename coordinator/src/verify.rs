@@ -1137,6 +1137,52 @@ impl Reputation {
     }
 }
 
+/// The wire form of a provenance.
+pub fn provenance_to_wire(p: &Provenance) -> v1::Provenance {
+    v1::Provenance {
+        backend: p.backend.clone(),
+        threads: p.threads as u32,
+        kernel_family: p.kernel_family.clone(),
+    }
+}
+
+/// The envelope an honest volunteer sends for a lease it trained (`outcome`), whose delta
+/// blob is `delta`, `delta_bytes` long: every field the checks above compare with the lease.
+pub fn delta_envelope(
+    lease: &v1::Lease,
+    outcome: &swarmtune_trainer::train::TrainOutcome,
+    delta: swarmtune_protocol::ContentId,
+    delta_bytes: u64,
+) -> v1::DeltaEnvelope {
+    v1::DeltaEnvelope {
+        protocol_version: swarmtune_protocol::PROTOCOL_VERSION,
+        job_id: lease.job_id.clone(),
+        round: lease.round,
+        lease_id: lease.lease_id,
+        start_version: lease.start_version,
+        base: lease.base.clone(),
+        delta: Some(delta.to_proto()),
+        delta_bytes,
+        encoding: lease.delta_encoding,
+        topk_fraction: lease.topk_fraction,
+        steps: outcome.stats.steps as u64,
+        tokens: outcome.stats.tokens,
+        target_tokens: outcome.stats.target_tokens,
+        loss_before: outcome.stats.loss_before,
+        loss_after: outcome.stats.loss_after,
+        commitments: outcome
+            .commitments
+            .iter()
+            .map(|c| v1::Commitment {
+                step: c.step,
+                state_hash: c.state_hash.to_vec(),
+            })
+            .collect(),
+        provenance: Some(provenance_to_wire(&outcome.provenance)),
+        train_seconds: outcome.stats.seconds,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! Real training on the tiny Llama fixture of the trainer's tests: an honest lease, then
@@ -1254,47 +1300,18 @@ mod tests {
         }
     }
 
-    fn wire_provenance(p: &Provenance) -> v1::Provenance {
-        v1::Provenance {
-            backend: p.backend.clone(),
-            threads: p.threads as u32,
-            kernel_family: p.kernel_family.clone(),
-        }
-    }
-
     /// The envelope an honest volunteer sends for `outcome`, naming `delta_bytes`.
     fn envelope(
         lease: &v1::Lease,
         outcome: &TrainOutcome,
         delta_bytes: &[u8],
     ) -> v1::DeltaEnvelope {
-        v1::DeltaEnvelope {
-            protocol_version: 1,
-            job_id: lease.job_id.clone(),
-            round: lease.round,
-            lease_id: lease.lease_id,
-            start_version: lease.start_version,
-            base: lease.base.clone(),
-            delta: Some(cid(delta_bytes)),
-            delta_bytes: delta_bytes.len() as u64,
-            encoding: lease.delta_encoding,
-            topk_fraction: lease.topk_fraction,
-            steps: outcome.stats.steps as u64,
-            tokens: outcome.stats.tokens,
-            target_tokens: outcome.stats.target_tokens,
-            loss_before: outcome.stats.loss_before,
-            loss_after: outcome.stats.loss_after,
-            commitments: outcome
-                .commitments
-                .iter()
-                .map(|c| v1::Commitment {
-                    step: c.step,
-                    state_hash: c.state_hash.to_vec(),
-                })
-                .collect(),
-            provenance: Some(wire_provenance(&outcome.provenance)),
-            train_seconds: outcome.stats.seconds,
-        }
+        delta_envelope(
+            lease,
+            outcome,
+            ContentId::of(delta_bytes),
+            delta_bytes.len() as u64,
+        )
     }
 
     /// The same envelope naming other delta bytes.

@@ -91,37 +91,12 @@ impl Volunteer {
     ) -> v1::Signed {
         let bytes = encode(&outcome.delta, DeltaEncoding::Int8RowWise).unwrap();
         let delta = coordinator.blobs().put_bytes(&bytes).unwrap();
-        let envelope = v1::DeltaEnvelope {
-            protocol_version: swarmtune_protocol::PROTOCOL_VERSION,
-            job_id: lease.job_id.clone(),
-            round: lease.round,
-            lease_id: lease.lease_id,
-            start_version: lease.start_version,
-            base: lease.base.clone(),
-            delta: Some(delta.to_proto()),
-            delta_bytes: bytes.len() as u64,
-            encoding: lease.delta_encoding,
-            topk_fraction: lease.topk_fraction,
-            steps: outcome.stats.steps as u64,
-            tokens: outcome.stats.tokens,
-            target_tokens: outcome.stats.target_tokens,
-            loss_before: outcome.stats.loss_before,
-            loss_after: outcome.stats.loss_after,
-            commitments: outcome
-                .commitments
-                .iter()
-                .map(|c| v1::Commitment {
-                    step: c.step,
-                    state_hash: c.state_hash.to_vec(),
-                })
-                .collect(),
-            provenance: Some(v1::Provenance {
-                backend: outcome.provenance.backend.clone(),
-                threads: outcome.provenance.threads as u32,
-                kernel_family: outcome.provenance.kernel_family.clone(),
-            }),
-            train_seconds: outcome.stats.seconds,
-        };
+        let envelope = swarmtune_coordinator::verify::delta_envelope(
+            lease,
+            outcome,
+            delta,
+            bytes.len() as u64,
+        );
         sign(&self.key, &envelope, now).unwrap()
     }
 
