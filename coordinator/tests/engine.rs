@@ -143,20 +143,17 @@ fn threads() -> usize {
     rayon::current_num_threads()
 }
 
-#[test]
-fn three_volunteers_run_three_rounds_and_every_version_is_better_than_its_parent() {
-    let dir = tempfile::tempdir().unwrap();
-    let device = DeviceKind::Cpu.device().unwrap();
+/// A coordinator in `dir` running the example job (shorter leases) on the shout skill's train
+/// split, prepared at time 1000; returns it, the job id and the signed spec.
+fn running_job(dir: &std::path::Path) -> (Coordinator, [u8; 32], v1::Signed) {
     let coordinator = Coordinator::open(
-        Config::new(dir.path().join("coordinator")),
+        Config::new(dir.join("coordinator")),
         Keypair::generate_ed25519(),
-        device.clone(),
+        DeviceKind::Cpu.device().unwrap(),
         "flex",
         threads(),
     )
     .unwrap();
-
-    // The job owner: the example job, on the shout skill's train split.
     let owner = Keypair::generate_ed25519();
     let (train, _) = swarmtune_trainer::builtin::skill::splits(7, 400, 10);
     let jsonl: String = train
@@ -173,23 +170,49 @@ fn three_volunteers_run_three_rounds_and_every_version_is_better_than_its_parent
         .collect();
     let dataset = coordinator.blobs().put_bytes(jsonl.as_bytes()).unwrap();
     let mut file = parse_job_file(include_str!("../../examples/job.toml")).unwrap();
-    // Shorter leases than the demo's, so the test stays quick.
+    // Shorter leases than the demo's, so the tests stay quick.
     file.inner.inner_steps = 10;
     file.inner.batch_size = 8;
     file.inner.micro_batch = Some(8);
     let spec = file.to_spec(&coordinator.peer_id(), dataset).unwrap();
     let signed_spec = sign(&owner, &spec, 1_000).unwrap();
-    let mut now = 1_000;
-    let submitted = coordinator.submit(&signed_spec, now).unwrap();
+    let submitted = coordinator.submit(&signed_spec, 1_000).unwrap();
     assert_eq!(submitted.state(), v1::JobState::Preparing);
     let job_id: [u8; 32] = submitted.job_id.clone().try_into().unwrap();
+    assert!(coordinator.needed_blobs(&job_id).unwrap().is_empty());
+    coordinator.prepare(&job_id, 1_000).unwrap();
+    (coordinator, job_id, signed_spec)
+}
+
+fn ask(coordinator: &Coordinator, peer: &PeerId, now: u64) -> LeaseAnswer {
+    let request = v1::RequestLease {
+        job_id: Vec::new(),
+        capabilities: Some(v1::PeerCapabilities {
+            tokens_per_second: 2_000.0,
+            ..Default::default()
+        }),
+    };
+    coordinator.request_lease(peer, &request, now).unwrap()
+}
+
+fn granted(answer: LeaseAnswer) -> v1::Lease {
+    match answer {
+        LeaseAnswer::Granted(lease) => *lease,
+        LeaseAnswer::NoWork(n) => panic!("no work: {n:?}"),
+    }
+}
+
+#[test]
+fn three_volunteers_run_three_rounds_and_every_version_is_better_than_its_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = DeviceKind::Cpu.device().unwrap();
+    let (coordinator, job_id, signed_spec) = running_job(dir.path());
+    let mut now = 1_000;
     // A retry of the same envelope is the same job.
     assert_eq!(
         coordinator.submit(&signed_spec, now).unwrap().job_id,
-        submitted.job_id
+        job_id.to_vec()
     );
-    assert!(coordinator.needed_blobs(&job_id).unwrap().is_empty());
-    coordinator.prepare(&job_id, now).unwrap();
     let job = coordinator.job(&job_id).unwrap();
     assert_eq!(
         (job.state, job.round, job.latest_version),
@@ -205,22 +228,11 @@ fn three_volunteers_run_three_rounds_and_every_version_is_better_than_its_parent
             model: CausalLm::load(&base_dir, &device).unwrap().to_autodiff(),
         })
         .collect();
-    let request = v1::RequestLease {
-        job_id: Vec::new(),
-        capabilities: Some(v1::PeerCapabilities {
-            tokens_per_second: 2_000.0,
-            ..Default::default()
-        }),
-    };
-
     for round in 1..=3u64 {
         let start_version = coordinator.job(&job_id).unwrap().latest_version;
         for v in &volunteers {
             now += 1_000;
-            let lease = match coordinator.request_lease(&v.peer(), &request, now).unwrap() {
-                LeaseAnswer::Granted(lease) => *lease,
-                LeaseAnswer::NoWork(n) => panic!("round {round}: no work: {n:?}"),
-            };
+            let lease = granted(ask(&coordinator, &v.peer(), now));
             assert_eq!((lease.round, lease.start_version), (round, start_version));
             let outcome = v.train(&coordinator, &lease);
             let envelope = v.deliver(&coordinator, &lease, &outcome, now);
@@ -285,4 +297,92 @@ fn three_volunteers_run_three_rounds_and_every_version_is_better_than_its_parent
         overhead > 0.0 && overhead < 0.5,
         "replayed share {overhead}"
     );
+}
+
+#[test]
+fn a_lapsed_lease_goes_to_another_volunteer_and_its_late_delta_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, _job_id, _) = running_job(dir.path());
+    let (slow, quick) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let lease = granted(ask(&coordinator, &slow.public().to_peer_id(), 2_000));
+    // Renewing works while the lease lives, and only for its holder.
+    let renew = v1::RenewLease {
+        lease_id: lease.lease_id,
+        steps_done: 1,
+        last_loss: 2.0,
+    };
+    coordinator
+        .renew_lease(&slow.public().to_peer_id(), &renew, 3_000)
+        .unwrap();
+    let stranger = coordinator
+        .renew_lease(&quick.public().to_peer_id(), &renew, 3_000)
+        .unwrap_err();
+    assert_eq!(stranger.code(), v1::ErrorCode::Unauthorized);
+
+    // Nobody renews until long after the lease's lifetime: the next tick frees its unit.
+    let renewed_until = coordinator
+        .renew_lease(&slow.public().to_peer_id(), &renew, 4_000)
+        .unwrap()
+        .expires_at_unix_ms;
+    let later = renewed_until + 1;
+    coordinator.tick(later).unwrap();
+    let late_renew = coordinator
+        .renew_lease(&slow.public().to_peer_id(), &renew, later)
+        .unwrap_err();
+    assert_eq!(late_renew.code(), v1::ErrorCode::LeaseExpired);
+    // Three units, so the quick volunteer may get the freed one or another; all three can be
+    // taken again by fresh volunteers.
+    let mut seeds: Vec<u64> = (0..3)
+        .map(|_| granted(ask(&coordinator, &PeerId::random(), later)).seed)
+        .collect();
+    seeds.sort_unstable();
+    assert!(
+        seeds.contains(&lease.seed),
+        "the lapsed unit was handed out again"
+    );
+
+    // The slow volunteer's delta, when it finally comes, is refused with the reason.
+    let envelope = v1::DeltaEnvelope {
+        protocol_version: swarmtune_protocol::PROTOCOL_VERSION,
+        job_id: lease.job_id.clone(),
+        round: lease.round,
+        lease_id: lease.lease_id,
+        delta: Some(ContentId::of(b"delta").to_proto()),
+        ..Default::default()
+    };
+    let signed = sign(&slow, &envelope, later).unwrap();
+    match coordinator
+        .submit_delta(&slow.public().to_peer_id(), &signed, later)
+        .unwrap()
+    {
+        v1::delta_response::Body::Verdict(v) => {
+            assert_eq!(v.outcome(), v1::VerdictOutcome::Rejected);
+            assert_eq!(v.reason(), v1::RejectReason::Late, "{v:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Another envelope for the same lease is a conflict, and nobody else may deliver it.
+    let other = sign(
+        &slow,
+        &v1::DeltaEnvelope {
+            steps: 9,
+            ..envelope.clone()
+        },
+        later,
+    )
+    .unwrap();
+    let conflict = coordinator
+        .submit_delta(&slow.public().to_peer_id(), &other, later)
+        .unwrap_err();
+    assert_eq!(conflict.code(), v1::ErrorCode::Conflict);
+    let forged = sign(&quick, &envelope, later).unwrap();
+    let not_theirs = coordinator
+        .submit_delta(&quick.public().to_peer_id(), &forged, later)
+        .unwrap_err();
+    assert_eq!(not_theirs.code(), v1::ErrorCode::Unauthorized);
+    // An envelope signed by one peer and sent by another is refused before anything else.
+    let relayed = coordinator
+        .submit_delta(&quick.public().to_peer_id(), &signed, later)
+        .unwrap_err();
+    assert_ne!(relayed.code(), v1::ErrorCode::Internal);
 }
