@@ -169,6 +169,15 @@ impl Coordinator {
         self.peer
     }
 
+    /// Signs `message` as this coordinator (announcements, manifests).
+    pub fn sign<T: signed::SignedPayload>(
+        &self,
+        message: &T,
+        now: u64,
+    ) -> Result<v1::Signed, EngineError> {
+        signed::sign(&self.keypair, message, now).map_err(|e| EngineError::Internal(e.to_string()))
+    }
+
     /// The blob store (the service serves and fills it).
     pub fn blobs(&self) -> &BlobStore {
         &self.blobs
@@ -292,6 +301,22 @@ impl Coordinator {
                 })
             }
         }
+    }
+
+    /// Marks a preparing job failed with `reason` (for example: its blobs could not be
+    /// fetched from anyone). A job past preparing is left alone.
+    pub fn fail_preparing(&self, job_id: &[u8; 32], reason: &str) -> Result<(), EngineError> {
+        self.store.write(|w| {
+            if let Some(mut job) = w.get::<JobRecord>(JOBS, job_id)?
+                && job.state == JobState::Preparing
+            {
+                warn!(job = %hex(job_id), %reason, "job failed");
+                job.state = JobState::Failed;
+                job.message = truncate(reason.to_owned(), 1024);
+                w.put(JOBS, job_id, &job)?;
+            }
+            Ok::<_, EngineError>(())
+        })
     }
 
     fn try_prepare(&self, job_id: &[u8; 32], now: u64) -> Result<(), EngineError> {
@@ -1417,7 +1442,7 @@ fn lease_shards(rt: &Runtime, lease: &v1::Lease, prepared: &Prepared) -> Vec<Sha
         .collect()
 }
 
-fn decode_spec(job: &JobRecord) -> Result<v1::JobSpec, EngineError> {
+pub(crate) fn decode_spec(job: &JobRecord) -> Result<v1::JobSpec, EngineError> {
     let envelope = v1::Signed::decode(job.signed_spec.as_slice())
         .map_err(|e| EngineError::Internal(format!("stored spec: {e}")))?;
     v1::JobSpec::decode(envelope.payload.as_slice())
@@ -1431,7 +1456,7 @@ fn decode_envelope(bytes: &[u8]) -> Result<v1::DeltaEnvelope, EngineError> {
         .map_err(|e| EngineError::Internal(format!("stored envelope: {e}")))
 }
 
-fn decode_verdict(bytes: &[u8]) -> Result<v1::VerificationVerdict, EngineError> {
+pub(crate) fn decode_verdict(bytes: &[u8]) -> Result<v1::VerificationVerdict, EngineError> {
     v1::VerificationVerdict::decode(bytes)
         .map_err(|e| EngineError::Internal(format!("stored verdict: {e}")))
 }

@@ -9,6 +9,8 @@ pub mod leases;
 pub mod merge;
 pub mod records;
 pub mod registry;
+pub mod service;
 pub mod spec;
+pub mod status;
 pub mod store;
 pub mod verify;

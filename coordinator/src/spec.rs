@@ -91,7 +91,7 @@ impl fmt::Display for SpecError {
 impl std::error::Error for SpecError {}
 
 /// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
-fn truncate_utf8(text: &str, max: usize) -> &str {
+pub(crate) fn truncate_utf8(text: &str, max: usize) -> &str {
     let mut end = text.len().min(max);
     while !text.is_char_boundary(end) {
         end -= 1;

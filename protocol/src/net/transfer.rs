@@ -228,6 +228,21 @@ pub async fn fetch(
     config: &FetchConfig,
     progress: Option<mpsc::Sender<Progress>>,
 ) -> Result<ContentId, FetchError> {
+    fetch_from(client, store, id, config, &[], progress).await
+}
+
+/// [`fetch`] from `known` peers, which are said to hold the blob (the volunteer that
+/// delivered a delta, the owner that submitted a dataset), without waiting for the DHT, which
+/// may not have spread their provider records yet; the DHT is asked only once every known
+/// peer has failed or been dropped. Every chunk is verified all the same.
+pub async fn fetch_from(
+    client: &Client,
+    store: &BlobStore,
+    id: ContentId,
+    config: &FetchConfig,
+    known: &[PeerId],
+    progress: Option<mpsc::Sender<Progress>>,
+) -> Result<ContentId, FetchError> {
     if store.contains(&id) {
         client.start_providing(id.as_bytes().to_vec()).await?;
         return Ok(id);
@@ -235,7 +250,7 @@ pub async fn fetch(
     let mut blamed: HashSet<PeerId> = HashSet::new();
     let mut restarts = 0;
     loop {
-        let providers = find_providers(client, id, &blamed).await?;
+        let providers = find_providers(client, id, known, &blamed).await?;
         let (manifest, manifest_from) = get_manifest(client, id, config, &providers).await?;
         let store_for_partial = store.clone();
         let manifest_for_partial = manifest.clone();
@@ -290,11 +305,18 @@ async fn blocking<T: Send + 'static>(
 async fn find_providers(
     client: &Client,
     id: ContentId,
+    known: &[PeerId],
     blamed: &HashSet<PeerId>,
 ) -> Result<Vec<PeerId>, FetchError> {
-    let found = client.get_providers(id.as_bytes().to_vec()).await?;
-    let mut providers: Vec<PeerId> = found.into_iter().filter(|p| !blamed.contains(p)).collect();
+    let usable = |p: &PeerId| !blamed.contains(p) && *p != client.local_peer_id();
+    // Peers named for this blob first; the DHT only when none of them is left.
+    let mut providers: Vec<PeerId> = known.iter().copied().filter(usable).collect();
+    if providers.is_empty() {
+        let found = client.get_providers(id.as_bytes().to_vec()).await?;
+        providers = found.into_iter().filter(usable).collect();
+    }
     providers.sort();
+    providers.dedup();
     if providers.is_empty() {
         return Err(FetchError::NoProviders(id));
     }
@@ -437,7 +459,7 @@ async fn fetch_chunks(
             }
             queries_left -= 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
-            for peer in find_providers(client, id, blamed).await? {
+            for peer in find_providers(client, id, &[], blamed).await? {
                 providers.entry(peer).or_default();
             }
             continue;
