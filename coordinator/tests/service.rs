@@ -51,12 +51,6 @@ struct Peer {
     _dir: tempfile::TempDir,
 }
 
-impl Peer {
-    fn id(&self) -> PeerId {
-        self.key.public().to_peer_id()
-    }
-}
-
 async fn peer(bootstrap: &Multiaddr) -> Peer {
     let key = Keypair::generate_ed25519();
     let config = NetConfig {
@@ -388,7 +382,7 @@ async fn answer(
 ) -> v1::SegmentStates {
     let mut states = Vec::new();
     for s in &challenge.segments {
-        let mut put = |step: u64| {
+        let put = |step: u64| {
             let state = outcome.snapshots.iter().find(|x| x.step() == step).unwrap();
             volunteer
                 .store
