@@ -1079,6 +1079,16 @@ impl Coordinator {
         let env = decode_envelope(&record.envelope)?;
         let equal = verify::same_provenance(&env, &self.provenance);
         let mut reputation: Reputation = w.get(REPUTATIONS, &record.peer)?.unwrap_or_default();
+        let was_banned = reputation.banned;
+        // A banned volunteer's deltas are dropped, also one judged after the ban (delivered
+        // before it, or verified while it happened): it must not come back as accepted.
+        let result = match result {
+            Ok(()) if was_banned => Err(Rejection::new(
+                v1::RejectReason::PeerBanned,
+                "the volunteer is banned at this coordinator; its deltas are dropped",
+            )),
+            other => other,
+        };
         let (outcome, reason, message) = match &result {
             Ok(()) => (
                 v1::VerdictOutcome::Accepted,
@@ -1087,7 +1097,6 @@ impl Coordinator {
             ),
             Err(r) => (v1::VerdictOutcome::Rejected, r.reason, r.message.clone()),
         };
-        let was_banned = reputation.banned;
         let banned = reputation.apply(match &result {
             Ok(()) => Verdict::Accepted,
             Err(r) => Verdict::Rejected {
@@ -1140,6 +1149,14 @@ impl Coordinator {
                 {
                     other.status = DeltaStatus::Rejected;
                     w.put(DELTAS, &key, &other)?;
+                    // Its work goes back to the pool, or the round could never fill again.
+                    if let Some(lease) = w.get::<LeaseRecord>(LEASES, &u64_key(other.lease_id))?
+                        && let Some(unit) = job.units.get_mut(lease.unit as usize)
+                        && unit.lease == Some(other.lease_id)
+                    {
+                        unit.lease = None;
+                        unit.delivered = false;
+                    }
                 }
             }
         }
