@@ -1292,7 +1292,8 @@ impl Coordinator {
                 let lease = v1::Lease::decode(lease.lease.as_slice())
                     .map_err(|e| EngineError::Internal(e.to_string()))?;
                 let bytes = self.blobs.read(&ContentId::from_bytes(d.delta))?;
-                let delta = verify::decode_delta(&bytes, &env, &lease, &rt.layout)
+                // Kept packed: the merge reads it a block at a time (merge.rs).
+                let delta = verify::open_delta(bytes, &env, &lease, &rt.layout)
                     .map_err(|r| EngineError::Internal(r.message))?;
                 contributions.push(Contribution {
                     lease_id: d.lease_id,

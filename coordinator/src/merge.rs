@@ -3,11 +3,17 @@
 //! DiLoCo outer step with Nesterov momentum, and the benchmark gate that decides whether the
 //! result becomes a new module version. The math is the trainer's; this module applies the
 //! job's settings to it.
+//!
+//! The deltas stay packed as they arrived (int8: one byte a value) and are aggregated a block
+//! of coordinates at a time ([`blockwise`]), so a merge of N deltas needs about N encoded
+//! deltas of memory, not N `f32` copies. [`bench`] measures it (`swarmtune bench merge`).
+
+pub mod bench;
 
 use swarmtune_protocol::v1;
-use swarmtune_trainer::aggregate::{
-    AggregateError, AggregationRule, OuterOptimizer, WeightedDelta, aggregate, coordinate_median,
-};
+use swarmtune_trainer::aggregate::blockwise::{self, StreamedDelta};
+use swarmtune_trainer::aggregate::{AggregateError, AggregationRule, OuterOptimizer};
+use swarmtune_trainer::delta::PackedDelta;
 use swarmtune_trainer::tensors::NamedTensors;
 
 /// One verified delta of the round.
@@ -21,8 +27,8 @@ pub struct Contribution {
     pub tokens: u64,
     /// Tokens in the loss (`DeltaEnvelope.target_tokens`): its weight.
     pub target_tokens: u64,
-    /// The decoded delta, `start − end`.
-    pub delta: NamedTensors,
+    /// The verified delta, `start − end`, still packed (see [`crate::verify::open_delta`]).
+    pub delta: PackedDelta,
 }
 
 /// What a merge produced.
@@ -74,16 +80,16 @@ pub fn merge(
     outer: &v1::OuterSettings,
 ) -> Result<Merged, MergeError> {
     contributions.sort_by_key(|c| c.lease_id);
-    let weighted: Vec<WeightedDelta<'_>> = contributions
+    let weighted: Vec<StreamedDelta<'_>> = contributions
         .iter()
-        .map(|c| WeightedDelta {
+        .map(|c| StreamedDelta {
             delta: &c.delta,
             tokens: c.target_tokens,
         })
         .collect();
     let update = match rule(outer)? {
-        Some(rule) => aggregate(rule, &weighted)?,
-        None => coordinate_median(&weighted)?,
+        Some(rule) => blockwise::aggregate(rule, &weighted)?,
+        None => blockwise::coordinate_median(&weighted)?,
     };
     let mut optimizer =
         OuterOptimizer::from_state(outer.learning_rate, outer.momentum, true, momentum)?;
@@ -131,6 +137,7 @@ pub fn contributors(contributions: &[Contribution]) -> Vec<v1::Contributor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use swarmtune_trainer::delta::{self, DecodeLimits, DeltaEncoding};
     use swarmtune_trainer::tensors::HostTensor;
 
     fn tensors(values: &[f32]) -> NamedTensors {
@@ -144,12 +151,13 @@ mod tests {
     }
 
     fn contribution(lease_id: u64, peer: u8, values: &[f32]) -> Contribution {
+        let bytes = delta::encode(&tensors(values), DeltaEncoding::F32).unwrap();
         Contribution {
             lease_id,
             peer: vec![peer],
             tokens: 100,
             target_tokens: 90,
-            delta: tensors(values),
+            delta: delta::decode_packed(bytes, &DecodeLimits::default()).unwrap(),
         }
     }
 

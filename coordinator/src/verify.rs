@@ -7,7 +7,8 @@
 //!
 //! 1. [`check_envelope`] and [`check_start_commitment`]: the envelope against its lease, in
 //!    microseconds.
-//! 2. [`decode_delta`] and [`check_norm`]: the delta blob, linear in its size.
+//! 2. [`decode_delta`] and [`check_norm`]: the delta blob, linear in its size
+//!    ([`open_delta`] and [`check_packed_norm`] keep it packed, for a merge).
 //! 3. [`check_probe_loss`]: two forward passes on a small probe batch.
 //! 4. [`plan_challenge`] and [`check_segment`]: replay of randomly chosen segments of the
 //!    commitment chain, `k / H` of a lease's training each ([`replay_cost_fraction`]).
@@ -19,12 +20,13 @@
 //! Nothing here panics on peer input: every envelope, blob and answer is untrusted.
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use swarmtune_protocol::v1::{self, RejectReason};
-use swarmtune_trainer::delta::{self, DecodeLimits, DeltaEncoding, DeltaError};
+use swarmtune_trainer::delta::{self, DecodeLimits, DeltaEncoding, DeltaError, PackedDelta};
 use swarmtune_trainer::error::TrainerError;
 use swarmtune_trainer::model::TokenBatch;
 use swarmtune_trainer::tensors::{self, NamedTensors};
@@ -407,18 +409,28 @@ pub fn decode_delta(
     lease: &v1::Lease,
     layout: &NamedTensors,
 ) -> Result<NamedTensors, Rejection> {
+    open_delta(bytes, env, lease, layout).map(PackedDelta::into_tensors)
+}
+
+/// The checks of [`decode_delta`], keeping the delta packed (int8 values stay in `bytes`):
+/// what a merge holds of each of its deltas.
+pub fn open_delta<B: AsRef<[u8]>>(
+    bytes: B,
+    env: &v1::DeltaEnvelope,
+    lease: &v1::Lease,
+    layout: &NamedTensors,
+) -> Result<PackedDelta<B>, Rejection> {
     let too_large = |m: String| reject(RejectReason::TooLarge, m);
-    if bytes.len() as u64 > lease.max_delta_bytes {
+    let len = bytes.as_ref().len();
+    if len as u64 > lease.max_delta_bytes {
         return too_large(format!(
-            "the delta blob is {} bytes, the lease allows at most {}",
-            bytes.len(),
+            "the delta blob is {len} bytes, the lease allows at most {}",
             lease.max_delta_bytes
         ));
     }
-    if bytes.len() as u64 != env.delta_bytes {
+    if len as u64 != env.delta_bytes {
         return too_large(format!(
-            "the delta blob is {} bytes, the envelope says {}",
-            bytes.len(),
+            "the delta blob is {len} bytes, the envelope says {}",
             env.delta_bytes
         ));
     }
@@ -428,7 +440,7 @@ pub fn decode_delta(
             "the envelope names no delta blob (its content id is not 32 bytes)",
         );
     };
-    let actual = blake3::hash(bytes);
+    let actual = blake3::hash(bytes.as_ref());
     if named.blake3 != actual.as_bytes() {
         return reject(
             RejectReason::Internal,
@@ -447,16 +459,15 @@ pub fn decode_delta(
         max_tensors: layout.len(),
         max_elements: elements,
     };
-    let delta = delta::decode(bytes, &limits).map_err(decode_rejection)?;
+    let delta = delta::decode_packed(bytes, &limits).map_err(decode_rejection)?;
 
     // The codec accepts any encoding; the lease names one.
-    let found = container_encoding(bytes);
-    if found.as_deref() != Some(encoding.name()) {
+    if delta.encoding() != encoding.name() {
         return reject(
             RejectReason::MalformedDelta,
             format!(
                 "the delta blob is encoded as {}, the lease says {}",
-                found.as_deref().unwrap_or("nothing"),
+                delta.encoding(),
                 encoding.name()
             ),
         );
@@ -466,13 +477,11 @@ pub fn decode_delta(
         check_topk_counts(&delta, fraction)?;
     }
     // int8 values are `q · scale`, which can overflow to infinity from finite parts.
-    for (name, t) in &delta {
-        if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
-            return reject(
-                RejectReason::NonFinite,
-                format!("delta tensor {name} holds {} at index {i}", t.data[i]),
-            );
-        }
+    if let Some((name, i, value)) = delta.first_non_finite() {
+        return reject(
+            RejectReason::NonFinite,
+            format!("delta tensor {name} holds {value} at index {i}"),
+        );
     }
     Ok(delta)
 }
@@ -499,41 +508,32 @@ fn decode_rejection(e: DeltaError) -> Rejection {
     Rejection::new(reason, format!("the delta blob does not decode: {e}"))
 }
 
-/// The `encoding` entry of a safetensors container's metadata. Only called on bytes the codec
-/// has already parsed, so the header is known to be well formed.
-fn container_encoding(bytes: &[u8]) -> Option<String> {
-    let len = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
-    let end = usize::try_from(len).ok()?.checked_add(8)?;
-    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..end)?).ok()?;
-    header
-        .get("__metadata__")?
-        .get("encoding")?
-        .as_str()
-        .map(str::to_owned)
-}
-
 /// Exactly the adapter's tensor names, each with its shape.
-fn check_layout(delta: &NamedTensors, layout: &NamedTensors) -> Result<(), Rejection> {
+fn check_layout<B: AsRef<[u8]>>(
+    delta: &PackedDelta<B>,
+    layout: &NamedTensors,
+) -> Result<(), Rejection> {
     let malformed = |m: String| reject(RejectReason::MalformedDelta, m);
-    if let Some(name) = layout.keys().find(|n| !delta.contains_key(*n)) {
+    let found: BTreeMap<&str, &[usize]> = delta.tensors().collect();
+    if let Some(name) = layout.keys().find(|n| !found.contains_key(n.as_str())) {
         return malformed(format!(
             "the delta has no tensor {name} ({} tensors, the adapter has {})",
-            delta.len(),
+            found.len(),
             layout.len()
         ));
     }
-    if let Some(name) = delta.keys().find(|n| !layout.contains_key(*n)) {
+    if let Some(name) = found.keys().find(|n| !layout.contains_key(**n)) {
         return malformed(format!(
             "the delta has a tensor {name} the adapter does not have"
         ));
     }
     for (name, expected) in layout {
-        if let Some(found) = delta.get(name)
-            && found.shape != expected.shape
+        if let Some(&shape) = found.get(name.as_str())
+            && shape != expected.shape
         {
             return malformed(format!(
-                "delta tensor {name} has shape {:?}, the adapter's is {:?}",
-                found.shape, expected.shape
+                "delta tensor {name} has shape {shape:?}, the adapter's is {:?}",
+                expected.shape
             ));
         }
     }
@@ -542,17 +542,25 @@ fn check_layout(delta: &NamedTensors, layout: &NamedTensors) -> Result<(), Rejec
 
 /// A top-k delta holds at most `ceil(fraction · n)` non-zero values per tensor; a dense delta
 /// labelled top-k is not the lease's encoding.
-fn check_topk_counts(delta: &NamedTensors, fraction: f32) -> Result<(), Rejection> {
-    for (name, t) in delta {
+fn check_topk_counts<B: AsRef<[u8]>>(
+    delta: &PackedDelta<B>,
+    fraction: f32,
+) -> Result<(), Rejection> {
+    let mut start = 0;
+    let mut values = Vec::new();
+    for (name, shape) in delta.tensors() {
+        let n: usize = shape.iter().product();
+        values.resize(n, 0.0);
+        delta.read(start, &mut values);
+        start += n;
         // The codec's k rounds a hair below this product, so this bound never refuses it.
-        let allowed = (f64::from(fraction) * t.len() as f64).ceil() as usize;
-        let kept = t.data.iter().filter(|v| **v != 0.0).count();
+        let allowed = (f64::from(fraction) * n as f64).ceil() as usize;
+        let kept = values.iter().filter(|v| **v != 0.0).count();
         if kept > allowed {
             return reject(
                 RejectReason::MalformedDelta,
                 format!(
-                    "delta tensor {name} has {kept} non-zero values, top-k with fraction {fraction} keeps at most {allowed} of {}",
-                    t.len()
+                    "delta tensor {name} has {kept} non-zero values, top-k with fraction {fraction} keeps at most {allowed} of {n}"
                 ),
             );
         }
@@ -571,7 +579,20 @@ fn at_most(value: f64, limit: f64) -> bool {
 /// The delta's Euclidean norm over all tensors, refused above `policy.max_delta_norm`
 /// (REJECT_REASON_NORM_TOO_LARGE); a bound of 0 means none.
 pub fn check_norm(delta: &NamedTensors, policy: &v1::VerificationPolicy) -> Result<f64, Rejection> {
-    let norm = tensors::norm(delta);
+    norm_within(tensors::norm(delta), policy)
+}
+
+/// [`check_norm`] for a delta kept packed, on its exact int8 norm
+/// ([`PackedDelta::squared_norm`]: within a relative 1e-7 of the decoded values' norm, read
+/// from the integers instead of `f32` products).
+pub fn check_packed_norm<B: AsRef<[u8]>>(
+    delta: &PackedDelta<B>,
+    policy: &v1::VerificationPolicy,
+) -> Result<f64, Rejection> {
+    norm_within(delta.squared_norm().sqrt(), policy)
+}
+
+fn norm_within(norm: f64, policy: &v1::VerificationPolicy) -> Result<f64, Rejection> {
     let bound = policy.max_delta_norm;
     if bound > 0.0 && !at_most(norm, bound) {
         return reject(
@@ -1498,6 +1519,17 @@ mod tests {
             };
             let norm = check_norm(&delta, &bounded).unwrap();
             assert!(norm > 0.0 && norm == tensors::norm(&s.outcome.delta));
+            // Kept packed, for a merge: the same values, and the same norm.
+            let packed = open_delta(s.delta_bytes.as_slice(), &s.env, &s.lease, s.layout());
+            let packed = packed.unwrap();
+            assert_eq!(check_packed_norm(&packed, &bounded).unwrap(), norm);
+            assert_eq!(packed.into_tensors(), delta);
+            // int8: its exact norm, within 1e-7 of the decoded values' norm.
+            let int8 = delta::encode(&delta, DeltaEncoding::Int8RowWise).unwrap();
+            let int8 = delta::decode_packed(int8, &DecodeLimits::default()).unwrap();
+            let int8_norm = check_packed_norm(&int8, &bounded).unwrap();
+            let decoded_norm = tensors::norm(&int8.into_tensors());
+            assert!((int8_norm - decoded_norm).abs() <= 1e-7 * decoded_norm);
 
             // The probe applies `start − delta`: on step 0's batch that is the volunteer's end
             // state, whose loss it reported as loss_after (up to the rounding of the two

@@ -41,6 +41,29 @@ pub enum BenchCommand {
     /// Network speed on 127.0.0.1: blob transfer (against a plain TCP copy of the same file)
     /// from 1 to N fetchers, and gossip delivery latency across in-process nodes.
     Net(BenchNetArgs),
+    /// A round's merge: verify and aggregate N int8 deltas of a 4.9M-parameter module, timed
+    /// against reading the same bytes from memory, with peak memory.
+    Merge(BenchMergeArgs),
+}
+
+/// `swarmtune bench merge`
+#[derive(Args, Debug)]
+pub struct BenchMergeArgs {
+    /// Numbers of deltas to merge, each measured in turn.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    pub deltas: Vec<usize>,
+    /// Aggregation rules: mean, trimmed-mean (a job's default), median, centered-clipping.
+    #[arg(long, value_delimiter = ',', default_value = "trimmed-mean,mean")]
+    pub rules: Vec<swarmtune_coordinator::merge::bench::BenchRule>,
+    /// LoRA rank on every linear layer of the SmolLM2-135M-shaped module (16: 4.9M parameters).
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// CPU threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `swarmtune bench net`

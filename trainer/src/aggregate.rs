@@ -6,6 +6,12 @@
 //! given) with `f64` accumulation, so the same deltas in the same order give the same bits on
 //! every machine. Callers that want order independence pass deltas in a canonical order (for
 //! example by lease id).
+//!
+//! The functions here are the plain definitions, over deltas decoded to `f32`. A merge of many
+//! deltas uses [`blockwise`]: the same rules and results, computed a block of coordinates at a
+//! time from deltas kept packed, in memory proportional to one delta.
+
+pub mod blockwise;
 
 use crate::tensors::{HostTensor, NamedTensors, same_layout};
 
@@ -105,8 +111,8 @@ pub fn token_weighted_mean(deltas: &[WeightedDelta]) -> Result<NamedTensors, Agg
 
 /// Coordinate-wise trimmed mean. For each value position, the `floor(trim_fraction · n)`
 /// smallest and as many largest values are dropped (ties in delta order) and the rest are
-/// averaged weighted by their tokens. Since the fraction is below 0.5 at least one value
-/// survives; trim 0 is the token-weighted mean.
+/// averaged weighted by their tokens, summed in delta order. Since the fraction is below 0.5
+/// at least one value survives; trim 0 is the token-weighted mean.
 pub fn trimmed_mean(
     deltas: &[WeightedDelta],
     trim_fraction: f32,
@@ -116,22 +122,31 @@ pub fn trimmed_mean(
     }
     let weights = normalized_weights(deltas)?;
     let n = deltas.len();
-    // Shrunk by a relative 2^-23 so that an f32 fraction stored just below its decimal value
-    // (0.35 is 0.34999999) still drops 7 of 20.
-    let trim =
-        (f64::from(trim_fraction) * n as f64 * (1.0 + f64::from(f32::EPSILON))).floor() as usize;
-    let trim = trim.min(n.saturating_sub(1) / 2);
+    let trim = trim_count(trim_fraction, n);
     let mut order: Vec<usize> = (0..n).collect();
+    let mut survives = vec![false; n];
     Ok(map_coordinates(deltas, |column| {
         order.sort_by(|&a, &b| column[a].total_cmp(&column[b]).then(a.cmp(&b)));
-        let survivors = &order[trim..n - trim];
-        let weight: f64 = survivors.iter().map(|&i| weights[i]).sum();
-        survivors
-            .iter()
-            .map(|&i| weights[i] * f64::from(column[i]))
+        survives.fill(false);
+        for &i in &order[trim..n - trim] {
+            survives[i] = true;
+        }
+        let survivors = || (0..n).filter(|&i| survives[i]);
+        let weight: f64 = survivors().map(|i| weights[i]).sum();
+        survivors()
+            .map(|i| weights[i] * f64::from(column[i]))
             .sum::<f64>()
             / weight
     }))
+}
+
+/// How many of `n` values a trimmed mean drops at each end: `floor(trim_fraction · n)`, at
+/// most `(n − 1) / 2`. The product is grown by a relative 2^-23 so that an `f32` fraction
+/// stored just below its decimal value (0.35 is 0.34999999) still drops 7 of 20.
+fn trim_count(trim_fraction: f32, n: usize) -> usize {
+    let trim =
+        (f64::from(trim_fraction) * n as f64 * (1.0 + f64::from(f32::EPSILON))).floor() as usize;
+    trim.min(n.saturating_sub(1) / 2)
 }
 
 /// Coordinate-wise median, unweighted so a delta cannot pull it by claiming many tokens; with
@@ -294,14 +309,16 @@ impl OuterOptimizer {
 /// layout and all have tokens.
 fn normalized_weights(deltas: &[WeightedDelta]) -> Result<Vec<f64>, AggregateError> {
     check_layout(deltas)?;
-    if let Some(index) = deltas.iter().position(|d| d.tokens == 0) {
+    token_shares(deltas.iter().map(|d| d.tokens))
+}
+
+/// `tokens_i / Σ tokens`, refusing a zero.
+fn token_shares(tokens: impl Iterator<Item = u64> + Clone) -> Result<Vec<f64>, AggregateError> {
+    if let Some(index) = tokens.clone().position(|t| t == 0) {
         return Err(AggregateError::ZeroTokens { index });
     }
-    let total: u128 = deltas.iter().map(|d| u128::from(d.tokens)).sum();
-    Ok(deltas
-        .iter()
-        .map(|d| d.tokens as f64 / total as f64)
-        .collect())
+    let total: u128 = tokens.clone().map(u128::from).sum();
+    Ok(tokens.map(|t| t as f64 / total as f64).collect())
 }
 
 fn check_layout(deltas: &[WeightedDelta]) -> Result<(), AggregateError> {

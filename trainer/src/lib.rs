@@ -21,5 +21,6 @@ pub mod lora;
 pub mod model;
 pub mod optim;
 pub mod pretrain;
+mod simd;
 pub mod tensors;
 pub mod train;

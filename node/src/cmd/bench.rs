@@ -5,7 +5,7 @@ use swarmtune_trainer::builtin::skill::{self, SkillRun};
 use swarmtune_trainer::device::ThreadPool;
 use swarmtune_trainer::train::TrainSpec;
 
-use crate::cli::{BenchNetArgs, BenchSkillArgs, BenchTrainArgs};
+use crate::cli::{BenchMergeArgs, BenchNetArgs, BenchSkillArgs, BenchTrainArgs};
 
 /// `swarmtune bench skill`.
 pub fn skill(args: BenchSkillArgs) -> anyhow::Result<()> {
@@ -181,5 +181,56 @@ pub fn net(args: BenchNetArgs) -> anyhow::Result<()> {
         r.gossip_latency_ms[1],
         r.gossip_latency_ms[2]
     );
+    Ok(())
+}
+
+/// `swarmtune bench merge`.
+pub fn merge(args: BenchMergeArgs) -> anyhow::Result<()> {
+    use swarmtune_coordinator::merge::bench::{self, MergeBench};
+    let pool = ThreadPool::new(args.threads)?;
+    let config = MergeBench {
+        counts: args.deltas,
+        rules: args.rules,
+        rank: args.rank,
+    };
+    let json = args.json;
+    let r = pool.install(|| {
+        bench::run(&config, &mut |what| {
+            if !json {
+                eprintln!("measuring {what} ...");
+            }
+        })
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    println!(
+        "{}: {} parameters, {:.2} MiB per int8 delta; {} threads",
+        r.module,
+        r.parameters,
+        mib(r.bytes_per_delta),
+        r.threads
+    );
+    println!(
+        "| rule | N | delta MiB | verify ms (BLAKE3 alone) | aggregate ms | total ms | read-from-memory ms | ratio | peak RSS |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for row in &r.rows {
+        println!(
+            "| {} | {} | {:.0} | {:.0} ({:.0}) | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} MiB |",
+            row.rule,
+            row.deltas,
+            mib(row.delta_bytes),
+            row.verify_ms,
+            row.hash_ms,
+            row.aggregate_ms,
+            row.total_ms,
+            row.yardstick_ms,
+            row.ratio,
+            mib(row.peak_rss_bytes)
+        );
+    }
     Ok(())
 }

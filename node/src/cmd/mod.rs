@@ -17,6 +17,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Skill(args)) => bench::skill(args),
         Command::Bench(BenchCommand::Train(args)) => bench::train(args),
         Command::Bench(BenchCommand::Net(args)) => bench::net(args),
+        Command::Bench(BenchCommand::Merge(args)) => bench::merge(args),
     }
 }
 
