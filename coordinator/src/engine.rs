@@ -40,6 +40,8 @@ use crate::verify::{self, Rejection, Reputation, Verdict};
 pub const MAX_SPEC_BYTES: usize = 32 << 10;
 /// Largest signed delta envelope (delta.proto).
 pub const MAX_ENVELOPE_BYTES: usize = 256 << 10;
+/// Time a volunteer has to answer a challenge.
+pub const CHALLENGE_ANSWER_MS: u64 = 120_000;
 
 /// Settings of a coordinator.
 #[derive(Clone, Debug)]
@@ -136,6 +138,21 @@ pub enum Next {
     /// Send this challenge to the volunteer and call [`Coordinator::answer_challenge`] with
     /// its answer (or [`Coordinator::challenge_unanswered`] if none comes in time).
     Challenge(v1::SegmentChallenge),
+    /// The delta passed its checks, and its lease has a redundant twin whose delta it must be
+    /// compared with: the verdict comes when that delta is judged (or the round closes), and
+    /// [`Coordinator::verdict`] has it then. The comparison may challenge this volunteer again
+    /// (a tie-break, found by [`crate::status::open_challenges`]).
+    AwaitingTwin,
+}
+
+/// Where the redundant twin of a delta's work stands.
+enum Twin {
+    /// The delta's unit has no twin (or its round is over).
+    None,
+    /// The twin unit has no delta yet.
+    Missing,
+    /// The twin unit's delta.
+    Delta(Box<DeltaRecord>),
 }
 
 impl Coordinator {
@@ -210,6 +227,21 @@ impl Coordinator {
                         job_id: id.to_vec(),
                         state: job.state.to_proto() as i32,
                     }));
+                }
+                // One job at a time trains a module: two would both publish its next version.
+                if let Some((_, other)) = w.scan::<JobRecord>(JOBS, &[])?.into_iter().find(|(_, j)| {
+                    j.module == spec.module
+                        && matches!(j.state, JobState::Preparing | JobState::Running)
+                }) {
+                    return Ok(Err(error_reply(
+                        v1::ErrorCode::Conflict,
+                        format!(
+                            "module {:?} is being trained by job {} ({}); submit again when it has finished",
+                            spec.module,
+                            hex(&other.id),
+                            other.state.to_proto().as_str_name()
+                        ),
+                    )));
                 }
                 if let Some(module) =
                     w.get::<registry::ModuleRecord>(crate::store::MODULES, spec.module.as_bytes())?
@@ -796,7 +828,17 @@ impl Coordinator {
                 verdict: None,
             };
             if let Some(rejection) = refusal {
-                let verdict = self.decide(w, &mut job, record, Err(rejection), 0, now)?;
+                // The verdict is final: the lease is used up. A live lease counts as delivered
+                // (its unit goes back to the pool with the rejection), a lapsed one as expired.
+                if lease.state == LeaseState::Active {
+                    lease.state = if now >= lease.expires_at_ms {
+                        LeaseState::Expired
+                    } else {
+                        LeaseState::Delivered
+                    };
+                    w.put(LEASES, &u64_key(env.lease_id), &lease)?;
+                }
+                let verdict = self.decide(w, &mut job, record, Err(rejection), "", now)?;
                 w.put(JOBS, &job.id, &job)?;
                 return Ok(Ok(v1::delta_response::Body::Verdict(verdict)));
             }
@@ -837,10 +879,14 @@ impl Coordinator {
     }
 
     /// Runs the cheap checks on a delivered delta whose blob is now in the store (or records
-    /// that it could not be fetched, with `fetched = false`), and decides: a verdict, or a
-    /// challenge.
+    /// that it could not be fetched, with `fetched = false`), and decides: a verdict, a
+    /// challenge, or a wait for its redundant twin.
     pub fn verify(&self, lease_id: u64, fetched: bool, now: u64) -> Result<Next, EngineError> {
         let (record, lease, job, env) = self.delta_context(lease_id)?;
+        // Judged already (dropped with a banned volunteer, or a second call).
+        if let Some(v) = &record.verdict {
+            return Ok(Next::Verdict(Box::new(decode_verdict(v)?)));
+        }
         let rt = self.runtime_for(&job)?;
         let spec = decode_spec(&job)?;
         let policy = spec.verification.unwrap_or_default();
@@ -853,38 +899,26 @@ impl Coordinator {
             ))
         };
         if let Err(rejection) = checked {
-            return self
-                .finish(lease_id, Err(rejection), 0, now)
-                .map(|v| Next::Verdict(Box::new(v)));
+            return self.finish(lease_id, Err(rejection), 0, now);
         }
         let reputation: Reputation = self
             .store
             .read(|r| r.get(REPUTATIONS, &record.peer))?
             .unwrap_or_default();
         let mut rng = rand::rngs::StdRng::from_os_rng();
-        let segments = verify::plan_challenge(&env.commitments, &policy, &reputation, &mut rng);
-        if segments.is_empty() {
-            return self
-                .finish(lease_id, Ok(()), 0, now)
-                .map(|v| Next::Verdict(Box::new(v)));
+        let plan = verify::plan_challenge(&env.commitments, &policy, &reputation, &mut rng);
+        if plan.is_empty() {
+            return self.finish(lease_id, Ok(()), 0, now);
         }
-        let respond_by = now + 120_000;
-        self.store.write(|w| {
+        let challenge = self.store.write(|w| {
             let mut d: DeltaRecord = w
                 .get(DELTAS, &u64_key(lease_id))?
                 .ok_or_else(|| EngineError::Internal("delta vanished".into()))?;
-            d.status = DeltaStatus::Challenged {
-                segments: segments.iter().map(Message::encode_to_vec).collect(),
-                respond_by_ms: respond_by,
-            };
+            let challenge = challenge_status(&mut d, &plan, false, now);
             w.put(DELTAS, &u64_key(lease_id), &d)?;
-            Ok::<_, EngineError>(())
+            Ok::<_, EngineError>(challenge)
         })?;
-        Ok(Next::Challenge(v1::SegmentChallenge {
-            lease_id,
-            segments,
-            respond_by_unix_ms: respond_by,
-        }))
+        Ok(Next::Challenge(challenge))
     }
 
     fn cheap_checks(
@@ -933,14 +967,24 @@ impl Coordinator {
     }
 
     /// The volunteer's answer to a challenge: state blobs (already fetched into the store).
+    /// Decides: a verdict, a tie-break challenge (when a redundant twin disagrees), or a wait
+    /// for the twin's delta.
     pub fn answer_challenge(
         &self,
         lease_id: u64,
         answer: &v1::SegmentStates,
         now: u64,
-    ) -> Result<v1::VerificationVerdict, EngineError> {
+    ) -> Result<Next, EngineError> {
         let (record, lease, job, env) = self.delta_context(lease_id)?;
-        let DeltaStatus::Challenged { segments, .. } = &record.status else {
+        // Judged while the volunteer was answering (its ban dropped the delta, or the answer
+        // came late): that verdict stands.
+        if let Some(v) = &record.verdict {
+            return Ok(Next::Verdict(Box::new(decode_verdict(v)?)));
+        }
+        let DeltaStatus::Challenged {
+            segments, replayed, ..
+        } = &record.status
+        else {
             return Err(EngineError::Internal(format!(
                 "lease {lease_id} was not challenged"
             )));
@@ -976,15 +1020,30 @@ impl Coordinator {
             let data = LeaseData::new(&shards, rt.model.config().vocab_size())
                 .map_err(|e| internal(&e))?;
             let train_spec = verify::train_spec(&lease)?;
+            // The delta the chain's final state must explain: it passed the cheap checks, so
+            // it decodes.
+            let bytes = self
+                .blobs
+                .read(&ContentId::from_bytes(record.delta))
+                .map_err(|e| internal(&e))?;
+            let delta =
+                verify::decode_delta(&bytes, &env, &lease, &rt.layout).map_err(|r| internal(&r))?;
+            let start = self.lease_start(&lease).map_err(|e| internal(&e))?;
+            let delivered = verify::Delivered {
+                start: &start,
+                delta: &delta,
+                encoding: verify::lease_encoding(&lease)?,
+            };
             let replay = verify::Replay {
                 trainer: &trainer,
                 data: &data,
                 spec: &train_spec,
                 layout: &rt.layout,
                 provenance: &self.provenance,
+                delivered,
             };
-            let mut replayed = 0;
-            for (segment, state) in asked.iter().zip(&answer.states) {
+            let mut replayed_steps = 0;
+            for (i, (segment, state)) in asked.iter().zip(&answer.states).enumerate() {
                 let blob = |c: Option<&v1::ContentId>| -> Result<Option<Vec<u8>>, Rejection> {
                     match c.and_then(|c| ContentId::try_from(c).ok()) {
                         Some(id) => self.blobs.read(&id).map(Some).map_err(|e| {
@@ -1000,27 +1059,30 @@ impl Coordinator {
                     Rejection::new(v1::RejectReason::ChallengeUnanswered, "no start state")
                 })?;
                 let end = blob(state.end_state.as_ref())?;
+                // A challenge stored before replay flags existed replays every segment.
+                let replays = replayed.get(i).copied().unwrap_or(true);
                 verify::check_segment(
                     &replay,
                     &env,
                     &policy,
                     segment,
+                    replays,
                     &verify::SegmentAnswer {
                         state,
                         start_state: &start,
                         end_state: end.as_deref(),
                     },
                 )?;
-                replayed += segment.end_step.saturating_sub(segment.start_step);
+                if replays {
+                    replayed_steps += segment.end_step.saturating_sub(segment.start_step);
+                }
             }
-            Ok(replayed)
+            Ok(replayed_steps)
         })();
-        let (result, replayed) = match outcome {
-            Ok(steps) => (Ok(()), steps),
-            Err(r) => (Err(r), 0),
-        };
-        let _ = record;
-        self.finish(lease_id, result, replayed, now)
+        match outcome {
+            Ok(steps) => self.finish(lease_id, Ok(()), steps, now),
+            Err(r) => self.finish(lease_id, Err(r), 0, now),
+        }
     }
 
     /// The challenged volunteer did not answer in time.
@@ -1030,7 +1092,7 @@ impl Coordinator {
         why: &str,
         now: u64,
     ) -> Result<v1::VerificationVerdict, EngineError> {
-        self.finish(
+        let next = self.finish(
             lease_id,
             Err(Rejection::new(
                 v1::RejectReason::ChallengeUnanswered,
@@ -1038,42 +1100,259 @@ impl Coordinator {
             )),
             0,
             now,
-        )
+        )?;
+        match next {
+            Next::Verdict(v) => Ok(*v),
+            other => Err(EngineError::Internal(format!(
+                "lease {lease_id}: a rejection led to {other:?}"
+            ))),
+        }
     }
 
+    /// The verdict reached for the delta of `lease_id`, if any (for a delta that was
+    /// [`Next::AwaitingTwin`]).
+    pub fn verdict(&self, lease_id: u64) -> Result<Option<v1::VerificationVerdict>, EngineError> {
+        let record: Option<DeltaRecord> = self.store.read(|r| r.get(DELTAS, &u64_key(lease_id)))?;
+        record
+            .and_then(|d| d.verdict)
+            .map(|v| decode_verdict(&v))
+            .transpose()
+    }
+
+    /// Deltas that passed their checks and wait for their redundant twin: (lease, volunteer).
+    pub fn awaiting_twin(&self) -> Result<Vec<(u64, PeerId)>, EngineError> {
+        let all: Vec<(Vec<u8>, DeltaRecord)> = self.store.read(|r| r.scan(DELTAS, &[]))?;
+        Ok(all
+            .into_iter()
+            .filter(|(_, d)| matches!(d.status, DeltaStatus::AwaitingTwin { .. }))
+            .filter_map(|(_, d)| Some((d.lease_id, PeerId::from_bytes(&d.peer).ok()?)))
+            .collect())
+    }
+
+    /// Records the result of a delta's checks (`replayed` optimizer steps of replay spent on
+    /// them) and decides what follows: a rejection is final; a delta that passed is accepted,
+    /// or, when its work was leased twice, compared with its twin's delta first.
     fn finish(
         &self,
         lease_id: u64,
         result: Result<(), Rejection>,
         replayed: u64,
         now: u64,
-    ) -> Result<v1::VerificationVerdict, EngineError> {
+    ) -> Result<Next, EngineError> {
+        let (_, _, job, _) = self.delta_context(lease_id)?;
+        // What a twin comparison needs, loaded outside the transaction.
+        let rt = self.runtime_for(&job)?;
+        let policy = decode_spec(&job)?.verification.unwrap_or_default();
         self.store.write(|w| {
             let record: DeltaRecord = w
                 .get(DELTAS, &u64_key(lease_id))?
                 .ok_or_else(|| EngineError::Internal("delta vanished".into()))?;
             if let Some(v) = &record.verdict {
-                return decode_verdict(v);
+                return Ok(Next::Verdict(Box::new(decode_verdict(v)?)));
             }
             let mut job: JobRecord = w
                 .get(JOBS, &record.job)?
                 .ok_or_else(|| EngineError::Internal("job vanished".into()))?;
-            let verdict = self.decide(w, &mut job, record, result, replayed, now)?;
+            job.replayed_steps += replayed;
+            let tie_break = matches!(
+                record.status,
+                DeltaStatus::Challenged {
+                    tie_break: true,
+                    ..
+                }
+            );
+            let next = match result {
+                Err(rejection) => {
+                    let twin = self.twin(w, &job, &record)?;
+                    let verdict = self.decide(w, &mut job, record, Err(rejection), "", now)?;
+                    // A twin that passed its tie-break against this delta is right.
+                    if let Twin::Delta(twin) = twin
+                        && twin.status == (DeltaStatus::AwaitingTwin { tie_break: true })
+                    {
+                        let note = format!(
+                            "its redundant twin (lease {}) disagreed and failed the tie-break",
+                            verdict.lease_id
+                        );
+                        self.decide(w, &mut job, *twin, Ok(()), &note, now)?;
+                    }
+                    Next::Verdict(Box::new(verdict))
+                }
+                Ok(()) => self.passed(w, &mut job, record, tie_break, &rt, &policy, now)?,
+            };
             w.put(JOBS, &job.id, &job)?;
-            Ok(verdict)
+            Ok(next)
         })
+    }
+
+    /// A delta that passed its checks (with `tie_break`: the tie-break against its twin):
+    /// accepted, unless its work was leased twice and the twin's delta is still to be
+    /// compared with, or disagrees with it.
+    #[allow(clippy::too_many_arguments)]
+    fn passed(
+        &self,
+        w: &crate::store::Write<'_>,
+        job: &mut JobRecord,
+        mut record: DeltaRecord,
+        tie_break: bool,
+        rt: &Runtime,
+        policy: &v1::VerificationPolicy,
+        now: u64,
+    ) -> Result<Next, EngineError> {
+        let accept = |job: &mut JobRecord, record: DeltaRecord, note: &str| {
+            self.decide(w, job, record, Ok(()), note, now)
+                .map(|v| Next::Verdict(Box::new(v)))
+        };
+        let banned = w
+            .get::<Reputation>(REPUTATIONS, &record.peer)?
+            .is_some_and(|r| r.banned);
+        if banned {
+            return accept(job, record, "");
+        }
+        let wait = |mut record: DeltaRecord| -> Result<Next, EngineError> {
+            record.status = DeltaStatus::AwaitingTwin { tie_break };
+            w.put(DELTAS, &u64_key(record.lease_id), &record)?;
+            Ok(Next::AwaitingTwin)
+        };
+        let twin = match self.twin(w, job, &record)? {
+            Twin::None => return accept(job, record, ""),
+            // After a tie-break: the twin's delta failed its own (and its unit went back to
+            // the pool), so nothing disagrees with this one any more.
+            Twin::Missing if tie_break => {
+                return accept(
+                    job,
+                    record,
+                    "its redundant twin disagreed with it and failed the tie-break",
+                );
+            }
+            Twin::Missing => return wait(record),
+            Twin::Delta(twin) => *twin,
+        };
+        let twin_tie_break = match twin.status {
+            DeltaStatus::AwaitingTwin { tie_break } => tie_break,
+            // The twin's tie-break is under way.
+            DeltaStatus::Challenged {
+                tie_break: true, ..
+            } => return wait(record),
+            // A new delta for the other unit, whose earlier delta lost the tie-break.
+            DeltaStatus::Pending | DeltaStatus::Challenged { .. } if tie_break => {
+                return accept(job, record, "");
+            }
+            // Its own checks are under way.
+            DeltaStatus::Pending | DeltaStatus::Challenged { .. } => return wait(record),
+            // Judged already, without this delta: this one is judged alone.
+            DeltaStatus::Accepted | DeltaStatus::Rejected => return accept(job, record, ""),
+        };
+        match (tie_break, twin_tie_break) {
+            (true, true) => {
+                // Both passed the tie-break (on different provenances two different results
+                // can each pass within tolerance): neither is shown wrong, so both are kept,
+                // and the verdicts and the log say they are suspicious.
+                let note = |other: u64| {
+                    format!(
+                        "suspicious: its redundant twin (lease {other}) disagreed with it and both passed the tie-break"
+                    )
+                };
+                warn!(job = %hex(&job.id), lease = record.lease_id, twin = twin.lease_id, "redundant deltas disagree and both passed the tie-break");
+                let twin_note = note(record.lease_id);
+                let own_note = note(twin.lease_id);
+                accept(job, twin, &twin_note)?;
+                return accept(job, record, &own_note);
+            }
+            // Not a pair of this dispute (a delta of a unit given out again): judged alone;
+            // the waiting one is judged when the round closes.
+            (true, false) | (false, true) => return accept(job, record, ""),
+            (false, false) => {}
+        }
+
+        // Both passed their own checks: compare them.
+        let envelope = decode_envelope(&record.envelope)?;
+        let twin_envelope = decode_envelope(&twin.envelope)?;
+        let delta = self.decoded_delta(w, rt, &record, &envelope)?;
+        let twin_delta = self.decoded_delta(w, rt, &twin, &twin_envelope)?;
+        match verify::compare_twins((&envelope, &delta), (&twin_envelope, &twin_delta), policy) {
+            verify::TwinComparison::Agree => {
+                let note = |other: u64| format!("agrees with its redundant twin (lease {other})");
+                let twin_note = note(record.lease_id);
+                let own_note = note(twin.lease_id);
+                accept(job, twin, &twin_note)?;
+                accept(job, record, &own_note)
+            }
+            verify::TwinComparison::Disagree { divergence, why } => {
+                warn!(job = %hex(&job.id), lease = record.lease_id, twin = twin.lease_id, %why, "redundant deltas disagree; tie-break");
+                // Both are challenged again; whichever fails is rejected, the other accepted.
+                let mut rng = rand::rngs::StdRng::from_os_rng();
+                let mut twin = twin;
+                let plan = verify::plan_tie_break(
+                    &twin_envelope.commitments,
+                    divergence,
+                    policy,
+                    &mut rng,
+                );
+                challenge_status(&mut twin, &plan, true, now);
+                w.put(DELTAS, &u64_key(twin.lease_id), &twin)?;
+                let plan =
+                    verify::plan_tie_break(&envelope.commitments, divergence, policy, &mut rng);
+                let challenge = challenge_status(&mut record, &plan, true, now);
+                w.put(DELTAS, &u64_key(record.lease_id), &record)?;
+                Ok(Next::Challenge(challenge))
+            }
+        }
+    }
+
+    /// The delta of the unit that repeats `record`'s work in its (open) round.
+    fn twin(
+        &self,
+        w: &crate::store::Write<'_>,
+        job: &JobRecord,
+        record: &DeltaRecord,
+    ) -> Result<Twin, EngineError> {
+        if record.round != job.round || job.state != JobState::Running {
+            return Ok(Twin::None);
+        }
+        let Some(lease) = w.get::<LeaseRecord>(LEASES, &u64_key(record.lease_id))? else {
+            return Ok(Twin::None);
+        };
+        let Some(twin_unit) = leases::twin_of(&job.units, lease.unit as usize) else {
+            return Ok(Twin::None);
+        };
+        let twin_lease = job.units[twin_unit].lease;
+        Ok(
+            match twin_lease.map(|id| w.get::<DeltaRecord>(DELTAS, &u64_key(id))) {
+                Some(found) => found?.map_or(Twin::Missing, |d| Twin::Delta(Box::new(d))),
+                None => Twin::Missing,
+            },
+        )
+    }
+
+    /// A delta blob that passed its checks, decoded.
+    fn decoded_delta(
+        &self,
+        w: &crate::store::Write<'_>,
+        rt: &Runtime,
+        record: &DeltaRecord,
+        env: &v1::DeltaEnvelope,
+    ) -> Result<NamedTensors, EngineError> {
+        let lease: LeaseRecord = w
+            .get(LEASES, &u64_key(record.lease_id))?
+            .ok_or_else(|| EngineError::Internal("lease vanished".into()))?;
+        let lease = v1::Lease::decode(lease.lease.as_slice())
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let bytes = self.blobs.read(&ContentId::from_bytes(record.delta))?;
+        verify::decode_delta(&bytes, env, &lease, &rt.layout)
+            .map_err(|r| EngineError::Internal(format!("lease {}: {r}", record.lease_id)))
     }
 
     /// Records a verdict in the transaction `w`: the delta's status, the volunteer's
     /// reputation (a ban drops its other deltas of the open round), the job's verification
-    /// accounting, and a rejected delta's unit goes back to the pool.
+    /// accounting, and a rejected delta's unit goes back to the pool. `note` is the message
+    /// of an accepted verdict.
     fn decide(
         &self,
         w: &crate::store::Write<'_>,
         job: &mut JobRecord,
         mut record: DeltaRecord,
         result: Result<(), Rejection>,
-        replayed: u64,
+        note: &str,
         now: u64,
     ) -> Result<v1::VerificationVerdict, EngineError> {
         let env = decode_envelope(&record.envelope)?;
@@ -1093,7 +1372,7 @@ impl Coordinator {
             Ok(()) => (
                 v1::VerdictOutcome::Accepted,
                 v1::RejectReason::Unspecified,
-                String::new(),
+                note.to_owned(),
             ),
             Err(r) => (v1::VerdictOutcome::Rejected, r.reason, r.message.clone()),
         };
@@ -1105,7 +1384,6 @@ impl Coordinator {
             },
         });
         w.put(REPUTATIONS, &record.peer, &reputation)?;
-        job.replayed_steps += replayed;
         job.judged_steps += env.steps;
         let verdict = v1::VerificationVerdict {
             job_id: record.job.to_vec(),
@@ -1147,7 +1425,23 @@ impl Coordinator {
                     && other.round == job.round
                     && other.status != DeltaStatus::Rejected
                 {
+                    // Dropped with a verdict of its own, so that a late answer to its challenge
+                    // or a second delivery of its envelope gets that verdict.
+                    let dropped = v1::VerificationVerdict {
+                        lease_id: other.lease_id,
+                        delta: decode_envelope(&other.envelope).ok().and_then(|e| e.delta),
+                        outcome: v1::VerdictOutcome::Rejected as i32,
+                        reason: v1::RejectReason::PeerBanned as i32,
+                        message: format!(
+                            "dropped: the volunteer was banned for its delta of lease {}",
+                            record.lease_id
+                        ),
+                        banned: true,
+                        reputation_after: reputation.score,
+                        ..verdict.clone()
+                    };
                     other.status = DeltaStatus::Rejected;
+                    other.verdict = Some(dropped.encode_to_vec());
                     w.put(DELTAS, &key, &other)?;
                     // Its work goes back to the pool, or the round could never fill again.
                     if let Some(lease) = w.get::<LeaseRecord>(LEASES, &u64_key(other.lease_id))?
@@ -1208,7 +1502,8 @@ impl Coordinator {
     // Rounds
 
     /// Periodic work at `now`: lapsed leases go back to the pool, and rounds that reached
-    /// their quorum (or their deadline) are merged. Returns the jobs whose round closed.
+    /// their quorum (or their deadline) are merged. Returns the jobs whose round closed. A job
+    /// that fails is logged and left for the next tick; the others go on.
     pub fn tick(&self, now: u64) -> Result<Vec<[u8; 32]>, EngineError> {
         let jobs: Vec<(Vec<u8>, JobRecord)> = self.store.read(|r| r.scan(JOBS, &[]))?;
         let mut closed = Vec::new();
@@ -1216,34 +1511,53 @@ impl Coordinator {
             .into_iter()
             .filter(|(_, j)| j.state == JobState::Running)
         {
-            self.store.write(|w| {
-                let Some(mut job) = w.get::<JobRecord>(JOBS, &job.id)? else {
-                    return Ok::<_, EngineError>(());
-                };
-                if !leases::expire(w, &mut job, now)?.is_empty() {
-                    w.put(JOBS, &job.id, &job)?;
+            match self.tick_job(&job, now) {
+                Ok(true) => closed.push(job.id),
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(job = %hex(&job.id), module = %job.module, round = job.round, error = %e, "tick failed for this job");
                 }
-                Ok(())
-            })?;
-            let spec = decode_spec(&job)?;
-            let deltas = self.round_deltas(&job)?;
-            let accepted = deltas
-                .iter()
-                .filter(|d| d.status == DeltaStatus::Accepted)
-                .count();
-            let undecided = deltas.iter().any(|d| {
-                matches!(
-                    d.status,
-                    DeltaStatus::Pending | DeltaStatus::Challenged { .. }
-                )
-            });
-            let quorum = accepted >= spec.quorum as usize && !undecided;
-            if quorum || now >= job.round_deadline_ms {
-                self.close_round(&job.id, job.round, now)?;
-                closed.push(job.id);
             }
         }
         Ok(closed)
+    }
+
+    /// [`Coordinator::tick`] for one running job; true when its round closed.
+    fn tick_job(&self, job: &JobRecord, now: u64) -> Result<bool, EngineError> {
+        self.store.write(|w| {
+            let Some(mut job) = w.get::<JobRecord>(JOBS, &job.id)? else {
+                return Ok::<_, EngineError>(());
+            };
+            if !leases::expire(w, &mut job, now)?.is_empty() {
+                w.put(JOBS, &job.id, &job)?;
+            }
+            Ok(())
+        })?;
+        let spec = decode_spec(job)?;
+        let deltas = self.round_deltas(job)?;
+        // A delta waiting for its redundant twin has passed its checks: it counts, and is
+        // accepted alone if the twin's delta is not in when the round closes.
+        let accepted = deltas
+            .iter()
+            .filter(|d| {
+                matches!(
+                    d.status,
+                    DeltaStatus::Accepted | DeltaStatus::AwaitingTwin { .. }
+                )
+            })
+            .count();
+        let undecided = deltas.iter().any(|d| {
+            matches!(
+                d.status,
+                DeltaStatus::Pending | DeltaStatus::Challenged { .. }
+            )
+        });
+        let quorum = accepted >= spec.quorum as usize && !undecided;
+        if quorum || now >= job.round_deadline_ms {
+            self.close_round(&job.id, job.round, now)?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     fn round_deltas(&self, job: &JobRecord) -> Result<Vec<DeltaRecord>, EngineError> {
@@ -1263,6 +1577,32 @@ impl Coordinator {
             return Ok(());
         }
         let spec = decode_spec(&job)?;
+        // Deltas still waiting for a redundant twin are judged alone: the twin's delta did
+        // not come in time.
+        self.store.write(|w| {
+            let Some(mut job) = w.get::<JobRecord>(JOBS, job_id)? else {
+                return Ok::<_, EngineError>(());
+            };
+            let waiting: Vec<(Vec<u8>, DeltaRecord)> = w.scan(DELTAS, &[])?;
+            for (_, d) in waiting {
+                if d.job == job.id
+                    && d.round == round
+                    && matches!(d.status, DeltaStatus::AwaitingTwin { .. })
+                {
+                    self.decide(
+                        w,
+                        &mut job,
+                        d,
+                        Ok(()),
+                        "judged alone: its redundant twin's delta did not come before the round closed",
+                        now,
+                    )?;
+                }
+            }
+            w.put(JOBS, job_id, &job)?;
+            Ok(())
+        })?;
+        let job = self.job(job_id)?;
         let deltas = self.round_deltas(&job)?;
         let accepted: Vec<&DeltaRecord> = deltas
             .iter()
@@ -1422,6 +1762,28 @@ impl Coordinator {
     }
 }
 
+/// Sets `record` challenged with `plan` (a tie-break with `tie_break`), the answer due two
+/// minutes after `now`; returns the challenge to send.
+fn challenge_status(
+    record: &mut DeltaRecord,
+    plan: &verify::ChallengePlan,
+    tie_break: bool,
+    now: u64,
+) -> v1::SegmentChallenge {
+    let respond_by = now + CHALLENGE_ANSWER_MS;
+    record.status = DeltaStatus::Challenged {
+        segments: plan.segments.iter().map(Message::encode_to_vec).collect(),
+        respond_by_ms: respond_by,
+        replayed: plan.replayed.clone(),
+        tie_break,
+    };
+    v1::SegmentChallenge {
+        lease_id: record.lease_id,
+        segments: plan.segments.clone(),
+        respond_by_unix_ms: respond_by,
+    }
+}
+
 fn lease_job(w: &crate::store::Write<'_>, lease_id: u64) -> Result<JobRecord, LeaseError> {
     let lease = w
         .get::<LeaseRecord>(LEASES, &u64_key(lease_id))?
@@ -1483,7 +1845,8 @@ fn content_id(c: &v1::ContentId) -> Result<ContentId, EngineError> {
     ContentId::try_from(c).map_err(|e| EngineError::Internal(e.to_string()))
 }
 
-fn lora_config(l: &v1::LoraConfig) -> LoraConfig {
+/// The trainer's LoRA settings from the wire's.
+pub fn lora_config(l: &v1::LoraConfig) -> LoraConfig {
     LoraConfig {
         rank: l.rank as usize,
         alpha: l.alpha,

@@ -308,6 +308,12 @@ fn twins(units: &[Unit], index: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The unit that does the same work as unit `index`, if it has one: its redundant copy, or
+/// the original it copies (a round has at most one copy of a unit).
+pub fn twin_of(units: &[Unit], index: usize) -> Option<usize> {
+    twins(units, index).into_iter().next()
+}
+
 /// The holder of the lease that has (or delivered) `unit`'s work, if known.
 fn unit_holder(w: &Write<'_>, unit: &Unit) -> Result<Option<Vec<u8>>, StoreError> {
     match unit.lease {

@@ -153,11 +153,22 @@ pub enum DeltaStatus {
         segments: Vec<Vec<u8>>,
         /// The answer is due by then.
         respond_by_ms: u64,
+        /// For each segment, whether it is replayed (`verify::ChallengePlan`).
+        replayed: Vec<bool>,
+        /// The challenge is the tie-break of a disagreement with the delta of the redundant
+        /// twin unit, not the delta's own challenge.
+        tie_break: bool,
     },
     /// Accepted: merged when its round closes.
     Accepted,
     /// Rejected (the verdict says why), or dropped because its volunteer was banned.
     Rejected,
+    /// Passed its own checks (with `tie_break`: also the tie-break of a disagreement with its
+    /// redundant twin); its verdict waits for the twin unit's delta, or the round's close.
+    AwaitingTwin {
+        /// It passed a tie-break.
+        tie_break: bool,
+    },
 }
 
 /// A delivered delta.

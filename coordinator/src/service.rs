@@ -101,6 +101,9 @@ pub fn now_ms() -> u64 {
 struct InFlight {
     /// Leases whose delta is being fetched, verified or challenged.
     deltas: HashSet<u64>,
+    /// Deltas that passed their checks and wait for their redundant twin's, by lease: their
+    /// volunteer gets the verdict when it comes.
+    awaiting: HashMap<u64, PeerId>,
     /// Jobs being prepared, and failed attempts so far.
     preparing: HashSet<[u8; 32]>,
     prepare_failures: HashMap<[u8; 32], u32>,
@@ -495,12 +498,33 @@ async fn verify_delta(
     let next = shared
         .heavy(move |engine| engine.verify(lease_id, fetched, now_ms()))
         .await??;
-    let verdict = match next {
-        Next::Verdict(verdict) => *verdict,
-        Next::Challenge(challenge) => challenge_peer(shared, peer, challenge).await?,
-    };
-    deliver_verdict(shared, peer, verdict).await;
-    Ok(())
+    follow(shared, peer, lease_id, next).await
+}
+
+/// Carries out what the engine decided about the delta of `lease_id` until it is judged:
+/// challenges (a tie-break may follow the first), then the verdict, or a wait for the delta
+/// of its redundant twin (the tick delivers that verdict).
+async fn follow(
+    shared: &Arc<Shared>,
+    peer: PeerId,
+    lease_id: u64,
+    mut next: Next,
+) -> Result<(), EngineError> {
+    loop {
+        next = match next {
+            Next::Verdict(verdict) => {
+                shared.in_flight().awaiting.remove(&lease_id);
+                deliver_verdict(shared, peer, *verdict).await;
+                return Ok(());
+            }
+            Next::Challenge(challenge) => challenge_peer(shared, peer, challenge).await?,
+            Next::AwaitingTwin => {
+                info!(lease = lease_id, %peer, "delta passed its checks; waiting for its redundant twin");
+                shared.in_flight().awaiting.insert(lease_id, peer);
+                return Ok(());
+            }
+        };
+    }
 }
 
 /// Sends `challenge` to `peer`, fetches the states it answers with and judges them.
@@ -508,7 +532,7 @@ async fn challenge_peer(
     shared: &Arc<Shared>,
     peer: PeerId,
     challenge: v1::SegmentChallenge,
-) -> Result<v1::VerificationVerdict, EngineError> {
+) -> Result<Next, EngineError> {
     let lease_id = challenge.lease_id;
     info!(lease = lease_id, %peer, segments = challenge.segments.len(), "challenging");
     let request = v1::DeltaRequest {
@@ -535,9 +559,7 @@ async fn challenge_peer(
     let states = match states {
         Ok(states) => states,
         Err(why) => {
-            return shared
-                .heavy(move |engine| engine.challenge_unanswered(lease_id, &why, now_ms()))
-                .await?;
+            return unanswered(shared, lease_id, why).await;
         }
     };
     // Every state blob the answer names, from the volunteer.
@@ -553,14 +575,20 @@ async fn challenge_peer(
     for id in wanted {
         if let Err(reason) = shared.fetch(id, &[peer]).await {
             let why = format!("state {id} could not be fetched: {reason}");
-            return shared
-                .heavy(move |engine| engine.challenge_unanswered(lease_id, &why, now_ms()))
-                .await?;
+            return unanswered(shared, lease_id, why).await;
         }
     }
     shared
         .heavy(move |engine| engine.answer_challenge(lease_id, &states, now_ms()))
         .await?
+}
+
+/// Judges the delta of `lease_id` whose challenge got no (usable) answer.
+async fn unanswered(shared: &Arc<Shared>, lease_id: u64, why: String) -> Result<Next, EngineError> {
+    let verdict = shared
+        .heavy(move |engine| engine.challenge_unanswered(lease_id, &why, now_ms()))
+        .await??;
+    Ok(Next::Verdict(Box::new(verdict)))
 }
 
 /// Tells the volunteer its verdict (best effort: the verdict is recorded, and the same
@@ -596,23 +624,22 @@ async fn resume_challenges(shared: &Arc<Shared>) -> Result<(), EngineError> {
         let task = shared.clone();
         shared.spawn(async move {
             let shared = task;
-            let result = if challenge.respond_by_unix_ms <= now_ms() {
-                shared
-                    .heavy(move |engine| {
-                        engine.challenge_unanswered(
-                            lease_id,
-                            "no answer to the challenge in time",
-                            now_ms(),
-                        )
-                    })
-                    .await
-                    .and_then(|r| r)
+            let next = if challenge.respond_by_unix_ms <= now_ms() {
+                unanswered(
+                    &shared,
+                    lease_id,
+                    "no answer to the challenge in time".into(),
+                )
+                .await
             } else {
                 challenge_peer(&shared, peer, challenge).await
             };
-            match result {
-                Ok(verdict) => deliver_verdict(&shared, peer, verdict).await,
-                Err(e) => warn!(lease = lease_id, error = %e, "resumed challenge failed"),
+            let result = match next {
+                Ok(next) => follow(&shared, peer, lease_id, next).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                warn!(lease = lease_id, error = %e, "resumed challenge failed");
             }
             shared.in_flight().deltas.remove(&lease_id);
         });
@@ -698,18 +725,53 @@ async fn prepare(shared: &Arc<Shared>, job_id: [u8; 32]) -> Result<(), String> {
 // The tick
 
 async fn on_tick(shared: &Arc<Shared>) -> Result<(), EngineError> {
-    let closed = shared.heavy(|engine| engine.tick(now_ms())).await??;
+    // A failure here is logged and the rest of the tick still runs (the engine's tick itself
+    // goes on past a job that fails).
+    let closed = match shared.heavy(|engine| engine.tick(now_ms())).await {
+        Ok(Ok(closed)) => closed,
+        Ok(Err(e)) | Err(e) => {
+            warn!(error = %e, "rounds not closed this tick");
+            Vec::new()
+        }
+    };
     // Stragglers: deltas and jobs a restart (or a failed attempt) left behind.
     let pending = shared.blocking(|engine| engine.pending_deltas()).await??;
     for (lease_id, peer, _) in pending {
         start_verifying(shared, lease_id, peer);
     }
+    // Challenges nobody is waiting for: a restart's, and the tie-breaks a redundant twin's
+    // delta opened for a delta that was waiting for it.
+    resume_challenges(shared).await?;
+    deliver_awaited(shared).await?;
     let preparing = shared.blocking(|engine| engine.preparing_jobs()).await??;
     for job_id in preparing {
         start_preparing(shared, job_id);
     }
     if !closed.is_empty() || shared.in_flight().provided.is_empty() {
         publish_news(shared, &closed).await;
+    }
+    Ok(())
+}
+
+/// Delivers the verdicts that came for deltas that were waiting for their redundant twin
+/// (also those a restart left waiting).
+async fn deliver_awaited(shared: &Arc<Shared>) -> Result<(), EngineError> {
+    let waiting = shared.blocking(|engine| engine.awaiting_twin()).await??;
+    let leases: Vec<(u64, PeerId)> = {
+        let mut in_flight = shared.in_flight();
+        for (lease_id, peer) in waiting {
+            in_flight.awaiting.entry(lease_id).or_insert(peer);
+        }
+        in_flight.awaiting.iter().map(|(l, p)| (*l, *p)).collect()
+    };
+    for (lease_id, peer) in leases {
+        if let Some(verdict) = shared
+            .blocking(move |engine| engine.verdict(lease_id))
+            .await??
+        {
+            shared.in_flight().awaiting.remove(&lease_id);
+            deliver_verdict(shared, peer, verdict).await;
+        }
     }
     Ok(())
 }

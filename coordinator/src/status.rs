@@ -255,6 +255,7 @@ pub fn open_challenges(
             DeltaStatus::Challenged {
                 segments,
                 respond_by_ms,
+                ..
             } => Some((
                 d.lease_id,
                 d.peer,

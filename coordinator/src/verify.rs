@@ -662,36 +662,174 @@ pub fn check_probe_loss(
 /// `VerificationPolicy.probation_leases`).
 pub const TRUSTED_SCORE: f64 = 0.5;
 
+/// A challenge: the segments asked for, in chain order, and which of them are replayed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChallengePlan {
+    /// The segments asked for; the chain's last segment is always among them, last.
+    pub segments: Vec<v1::Segment>,
+    /// For each segment, whether it is replayed. A segment that is not replayed has its
+    /// start and end states checked against their commitments only: that is how the last
+    /// segment's end state, the lease's final state, is obtained to tie the delta to the
+    /// chain ([`check_delta_tie`]) without the compute of a replay.
+    pub replayed: Vec<bool>,
+}
+
+impl ChallengePlan {
+    /// No challenge.
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// The segments that are replayed.
+    pub fn replayed_segments(&self) -> Vec<v1::Segment> {
+        self.segments
+            .iter()
+            .zip(&self.replayed)
+            .filter(|(_, r)| **r)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+}
+
 /// The segments to challenge a delta with, or none. Peers on probation (fewer accepted deltas
 /// than `probation_leases`) or with reputation below [`TRUSTED_SCORE`] are always challenged,
-/// others with `challenge_probability`. A challenge asks for `segments_per_challenge` (at
-/// least 1, at most 64) distinct segments between consecutive commitments, chosen uniformly
-/// and returned in chain order; fewer when the chain has fewer.
+/// others with `challenge_probability`. A challenge replays `segments_per_challenge` (at
+/// least 1, at most 64) distinct segments between consecutive commitments, drawn uniformly;
+/// fewer when the chain has fewer. It also always asks for the chain's last segment, whose
+/// end state is the one the delta must be `start −` of: replayed when it was drawn, only
+/// checked against its commitments otherwise, so the replay cost stays what the policy says.
 pub fn plan_challenge(
     commitments: &[v1::Commitment],
     policy: &v1::VerificationPolicy,
     peer: &Reputation,
     rng: &mut impl Rng,
-) -> Vec<v1::Segment> {
-    let available = commitments.len().saturating_sub(1);
+) -> ChallengePlan {
     let challenged = peer.always_challenged(policy) || {
         let p = policy.challenge_probability;
         // NaN or ≤ 0 never, ≥ 1 always; `random_bool` wants [0, 1].
         p >= 1.0 || (p > 0.0 && rng.random_bool(p))
     };
-    if !challenged || available == 0 {
-        return Vec::new();
+    if !challenged {
+        return ChallengePlan::default();
     }
     let wanted = (policy.segments_per_challenge as usize).clamp(1, MAX_SEGMENTS_PER_CHALLENGE);
-    let mut picked = rand::seq::index::sample(rng, available, wanted.min(available)).into_vec();
-    picked.sort_unstable();
-    picked
-        .into_iter()
-        .map(|i| v1::Segment {
-            start_step: commitments[i].step,
-            end_step: commitments[i + 1].step,
-        })
-        .collect()
+    let available = commitments.len().saturating_sub(1);
+    let drawn = rand::seq::index::sample(rng, available, wanted.min(available)).into_vec();
+    plan_of(commitments, drawn)
+}
+
+/// The challenge that replays segments `drawn` (indices of their start commitments) and asks
+/// for the last segment too.
+fn plan_of(commitments: &[v1::Commitment], mut drawn: Vec<usize>) -> ChallengePlan {
+    let available = commitments.len().saturating_sub(1);
+    drawn.retain(|&i| i < available);
+    drawn.sort_unstable();
+    drawn.dedup();
+    let mut plan = ChallengePlan::default();
+    if available == 0 {
+        return plan;
+    }
+    let segment = |i: usize| v1::Segment {
+        start_step: commitments[i].step,
+        end_step: commitments[i + 1].step,
+    };
+    let last = available - 1;
+    for &i in &drawn {
+        plan.segments.push(segment(i));
+        plan.replayed.push(true);
+    }
+    if drawn.last() != Some(&last) {
+        // A challenge has at most 64 segments: the earliest drawn one makes room if needed.
+        if plan.segments.len() == MAX_SEGMENTS_PER_CHALLENGE {
+            plan.segments.remove(0);
+            plan.replayed.remove(0);
+        }
+        plan.segments.push(segment(last));
+        plan.replayed.push(false);
+    }
+    plan
+}
+
+/// How the deltas of two redundant leases of the same work (same shards, seed and start
+/// version) compare.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TwinComparison {
+    /// They agree: exactly where both ran on the same provenance, within the policy's
+    /// tolerances otherwise.
+    Agree,
+    /// They disagree, so at least one of them is wrong.
+    Disagree {
+        /// On equal provenances, the index of the first commitment where the chains part:
+        /// the segment that ends there decides which one is wrong.
+        divergence: Option<usize>,
+        /// What differs, for the log and the verdicts.
+        why: String,
+    },
+}
+
+/// Compares two redundant deltas (`a` and `b`: envelopes and decoded deltas, both past their
+/// own checks). On equal provenances (backend, threads, kernels) the same work gives the same
+/// states bit for bit, so their commitment chains must be equal; their deltas then encode the
+/// same end state and must be the same blob, or agree within the tolerances (top-k error
+/// feedback makes two honest top-k deltas differ). On different provenances the decoded
+/// deltas must agree within the tolerances ([`compare_within_tolerance`]).
+pub fn compare_twins(
+    a: (&v1::DeltaEnvelope, &NamedTensors),
+    b: (&v1::DeltaEnvelope, &NamedTensors),
+    policy: &v1::VerificationPolicy,
+) -> TwinComparison {
+    let ((a_env, a_delta), (b_env, b_delta)) = (a, b);
+    let exact = a_env.provenance.is_some() && a_env.provenance == b_env.provenance;
+    if exact {
+        let parted = a_env
+            .commitments
+            .iter()
+            .zip(&b_env.commitments)
+            .position(|(x, y)| x != y)
+            .or((a_env.commitments.len() != b_env.commitments.len())
+                .then(|| a_env.commitments.len().min(b_env.commitments.len())));
+        if let Some(i) = parted {
+            return TwinComparison::Disagree {
+                divergence: Some(i),
+                why: format!(
+                    "on the same provenance the commitment chains part at commitment {i} (step {})",
+                    a_env.commitments.get(i).map_or(0, |c| c.step)
+                ),
+            };
+        }
+        if a_env.delta == b_env.delta {
+            return TwinComparison::Agree;
+        }
+    }
+    match compare_within_tolerance(a_delta, b_delta, policy) {
+        Ok(_) => TwinComparison::Agree,
+        Err(r) => TwinComparison::Disagree {
+            divergence: None,
+            why: format!("the deltas differ: {}", r.message),
+        },
+    }
+}
+
+/// The tie-break challenge for a delta whose redundant twin disagreed with it: the segment
+/// where equal-provenance chains part (`divergence`; replaying it from their common state
+/// tells which chain is right), or else the policy's number of segments drawn at random;
+/// always with the last segment, which ties each delta to its chain.
+pub fn plan_tie_break(
+    commitments: &[v1::Commitment],
+    divergence: Option<usize>,
+    policy: &v1::VerificationPolicy,
+    rng: &mut impl Rng,
+) -> ChallengePlan {
+    let available = commitments.len().saturating_sub(1);
+    let drawn = match divergence {
+        Some(i) if i >= 1 && i <= available => vec![i - 1],
+        _ => {
+            let wanted =
+                (policy.segments_per_challenge as usize).clamp(1, MAX_SEGMENTS_PER_CHALLENGE);
+            rand::seq::index::sample(rng, available, wanted.min(available)).into_vec()
+        }
+    };
+    plan_of(commitments, drawn)
 }
 
 /// Share of a lease's training compute that replaying `segments` costs: their steps over the
@@ -707,7 +845,8 @@ pub fn replay_cost_fraction(segments: &[v1::Segment], inner_steps: u64) -> f64 {
     steps as f64 / inner_steps as f64
 }
 
-/// What the verifier replays with: the lease's trainer, data and settings on this machine.
+/// What the verifier replays with: the lease's trainer, data and settings on this machine,
+/// and the delivered delta that the chain's final state must explain.
 pub struct Replay<'a> {
     /// A trainer on the job's base (autodiff device) with the lease's LoRA config.
     pub trainer: &'a LocalTrainer<'a>,
@@ -719,6 +858,20 @@ pub struct Replay<'a> {
     pub layout: &'a NamedTensors,
     /// What this verifier computes with; decides between exact and tolerant comparison.
     pub provenance: &'a Provenance,
+    /// The delta delivered for the lease, checked against the end state of the chain's last
+    /// segment whenever that segment is answered.
+    pub delivered: Delivered<'a>,
+}
+
+/// A delivered delta, decoded, and the lease's start adapter it is relative to.
+#[derive(Clone, Copy)]
+pub struct Delivered<'a> {
+    /// The lease's start adapter (the module version's tensors).
+    pub start: &'a NamedTensors,
+    /// The decoded delta ([`decode_delta`]).
+    pub delta: &'a NamedTensors,
+    /// The lease's encoding, which decides how far the decoded values may be from exact.
+    pub encoding: DeltaEncoding,
 }
 
 /// The volunteer's answer for one segment, with the blobs the engine fetched for it.
@@ -727,8 +880,8 @@ pub struct SegmentAnswer<'a> {
     pub state: &'a v1::SegmentState,
     /// The bytes of `state.start_state`.
     pub start_state: &'a [u8],
-    /// The bytes of `state.end_state`; needed only when the provenances differ
-    /// (see [`same_provenance`]).
+    /// The bytes of `state.end_state`; needed when the provenances differ (see
+    /// [`same_provenance`]) and for a segment that is not replayed.
     pub end_state: Option<&'a [u8]>,
 }
 
@@ -740,6 +893,8 @@ pub enum SegmentVerdict {
     /// Different provenance: the replayed update agrees with the volunteer's within the job's
     /// tolerances.
     WithinTolerance(Agreement),
+    /// Not replayed: its start and end states are the committed ones.
+    StatesMatch,
 }
 
 /// The largest LoRA state blob of `layout`: three F32 copies of every tensor plus a generous
@@ -756,7 +911,7 @@ fn commitment_at(env: &v1::DeltaEnvelope, step: u64) -> Option<&v1::Commitment> 
     env.commitments.iter().find(|c| c.step == step)
 }
 
-/// Checks one answered segment of a challenge (`asked`) by replaying it.
+/// Checks one answered segment of a challenge (`asked`), by replaying it when `replayed`.
 ///
 /// The start state must parse with the adapter's layout and hash to the commitment at
 /// `start_step`, and the claimed end hash must be the commitment at `end_step`
@@ -771,6 +926,11 @@ fn commitment_at(env: &v1::DeltaEnvelope, step: u64) -> Option<&v1::Commitment> 
 /// weights grows more lenient the less a segment moves them (late in training, with a small
 /// learning rate), up to passing a volunteer that skipped the segment's work.
 ///
+/// A segment that is not replayed needs the volunteer's end state, which must hash to the
+/// commitment. When `asked` is the chain's last segment, its end state (the volunteer's, or
+/// the replayed one that hashes to the same commitment) is the lease's final state, and the
+/// delivered delta must be the start adapter minus it ([`check_delta_tie`]).
+///
 /// An answer for another segment, or without a blob it needs, is
 /// REJECT_REASON_CHALLENGE_UNANSWERED.
 pub fn check_segment(
@@ -778,6 +938,7 @@ pub fn check_segment(
     env: &v1::DeltaEnvelope,
     policy: &v1::VerificationPolicy,
     asked: &v1::Segment,
+    replayed: bool,
     answer: &SegmentAnswer<'_>,
 ) -> Result<SegmentVerdict, Rejection> {
     let span = format!("segment {}..{}", asked.start_step, asked.end_step);
@@ -812,6 +973,7 @@ pub fn check_segment(
             format!("{span}: the challenge asked for an empty segment"),
         );
     }
+    let is_last = env.commitments.last().map(|c| c.step) == Some(asked.end_step);
     check_blob_id(
         &span,
         "start",
@@ -849,35 +1011,63 @@ pub fn check_segment(
     }
 
     let exact = same_provenance(env, replay.provenance);
-    // Without a blob to compare with, a different provenance cannot judge the segment: check
-    // that before spending the replay.
-    let volunteer_end = if exact {
+    // The volunteer's end state: needed to compare across provenances, and when the segment
+    // is not replayed (an exact replay reaches it itself). Checked before spending the replay.
+    let end_blob = if replayed && exact {
         None
     } else {
-        let Some(bytes) = answer.end_state else {
+        answer.end_state
+    };
+    let volunteer_end = match end_blob {
+        None if !replayed => {
+            return unanswered(
+                "the segment is not replayed, so its end state is needed, and it was not provided"
+                    .into(),
+            );
+        }
+        None if !exact => {
             return unanswered(
                 "the provenances differ, so the end state is needed, and it was not provided"
                     .into(),
             );
-        };
-        check_blob_id(&span, "end", answer.state.end_state.as_ref(), bytes)?;
-        let end = LoraState::from_bytes(bytes, replay.layout, cap).map_err(|e| {
-            Rejection::new(RejectReason::ChallengeEndMismatch, format!("{span}: {e}"))
-        })?;
-        let end_hash = end.hash();
-        if end_commitment.state_hash != end_hash.as_bytes() {
-            return end_mismatch(format!(
-                "the end state hashes to {}, the commitment at step {} says {}",
-                short(end_hash.as_bytes()),
-                asked.end_step,
-                short(&end_commitment.state_hash)
-            ));
         }
-        Some(end)
+        None => None,
+        Some(bytes) => {
+            check_blob_id(&span, "end", answer.state.end_state.as_ref(), bytes)?;
+            let end = LoraState::from_bytes(bytes, replay.layout, cap).map_err(|e| {
+                Rejection::new(RejectReason::ChallengeEndMismatch, format!("{span}: {e}"))
+            })?;
+            let end_hash = end.hash();
+            if end_commitment.state_hash != end_hash.as_bytes() {
+                return end_mismatch(format!(
+                    "the end state hashes to {}, the commitment at step {} says {}",
+                    short(end_hash.as_bytes()),
+                    asked.end_step,
+                    short(&end_commitment.state_hash)
+                ));
+            }
+            Some(end)
+        }
+    };
+    let tie = |end: &NamedTensors| {
+        if is_last {
+            check_delta_tie(&replay.delivered, end)
+                .map_err(|r| Rejection::new(r.reason, format!("{span}: {}", r.message)))
+        } else {
+            Ok(())
+        }
     };
 
+    if !replayed {
+        // Both states are the committed ones (a missing end state was refused above).
+        if let Some(end) = &volunteer_end {
+            tie(&end.params)?;
+            return Ok(SegmentVerdict::StatesMatch);
+        }
+    }
+
     let start_params = start.params.clone();
-    let replayed =
+    let replayed_state =
         match replay
             .trainer
             .replay_segment(start, replay.data, replay.spec, asked.end_step)
@@ -901,26 +1091,149 @@ pub fn check_segment(
             }
         };
 
-    match volunteer_end {
-        None => {
-            let reached = replayed.hash();
-            if end_commitment.state_hash != reached.as_bytes() {
-                return end_mismatch(format!(
-                    "replay reached {}, the commitment says {}",
-                    short(reached.as_bytes()),
-                    short(&end_commitment.state_hash)
-                ));
-            }
-            Ok(SegmentVerdict::Exact)
+    if exact {
+        let reached = replayed_state.hash();
+        if end_commitment.state_hash != reached.as_bytes() {
+            return end_mismatch(format!(
+                "replay reached {}, the commitment says {}",
+                short(reached.as_bytes()),
+                short(&end_commitment.state_hash)
+            ));
         }
-        Some(end) => {
-            let claimed = swarmtune_trainer::train::subtract(&start_params, &end.params);
-            let replayed = swarmtune_trainer::train::subtract(&start_params, &replayed.params);
-            compare_within_tolerance(&claimed, &replayed, policy)
-                .map(SegmentVerdict::WithinTolerance)
-                .map_err(|r| Rejection::new(r.reason, format!("{span}: {}", r.message)))
+        // The replayed state is the committed one, whether or not the volunteer sent it.
+        tie(&replayed_state.params)?;
+        return Ok(SegmentVerdict::Exact);
+    }
+    let Some(end) = volunteer_end else {
+        return reject(
+            RejectReason::Internal,
+            format!("{span}: no end state to compare with"),
+        );
+    };
+    let claimed = swarmtune_trainer::train::subtract(&start_params, &end.params);
+    let reached = swarmtune_trainer::train::subtract(&start_params, &replayed_state.params);
+    let agreement = compare_within_tolerance(&claimed, &reached, policy)
+        .map_err(|r| Rejection::new(r.reason, format!("{span}: {}", r.message)))?;
+    tie(&end.params)?;
+    Ok(SegmentVerdict::WithinTolerance(agreement))
+}
+
+/// How much of the smallest magnitude top-k keeps the volunteer's error-feedback residual
+/// may be at any coordinate ([`check_delta_tie`]).
+pub const TOPK_RESIDUAL_FACTOR: f64 = 2.0;
+
+/// Checks that `delivered.delta` is the lease's start adapter minus `end`, the final state of
+/// the volunteer's committed chain, up to what its encoding loses
+/// (REJECT_REASON_CHALLENGE_END_MISMATCH otherwise: the delta claims an end state other than
+/// the committed one, which is a lie on any backend, so it is cheating). `e = start − end` is
+/// computed as the trainer computes a delta; each decoded value `d` must satisfy:
+///
+/// - `f32`: `|d − e| ≤ 2^-23 · |e|` (the codec is lossless; one rounding of slack);
+/// - `f16`: `|d − e| ≤ 2^-11 · |e| + 2^-25` (half an f16 step, normal or subnormal);
+/// - `int8-rowwise`: `|d − e| ≤ s / 2 + 2^-22 · (|e| + s)` with `s = max|row of e| / 127`,
+///   the scale the honest encoder picks; the scale in the blob is not trusted;
+/// - `top-k`: the volunteer sends the `k` largest values of `e + r`, where `r` is its local
+///   error-feedback residual, which the verifier does not know. A residual coordinate is what
+///   an earlier encoding left out, so it is at most about that encoding's smallest kept
+///   magnitude, which for leases of one job is about this one's. With `τ_d` the smallest
+///   non-zero magnitude of the delta in a tensor, `τ_e` the `k`-th largest magnitude of `e`
+///   there (`k` the values kept), the residual may be `ρ = 2 · min(τ_d, τ_e)`
+///   ([`TOPK_RESIDUAL_FACTOR`]): a kept value within `ρ` of `e`, a coordinate not kept with
+///   `|e| ≤ τ_d + ρ` (it was not among the largest of `e + r`), and the kept values pointing
+///   the way of `e` (a positive dot product). Without feedback the kept values are exactly
+///   `e`. A scaled delta misses by its excess at its largest values, a flipped one by twice
+///   them, a delta of another end state by what the two states differ.
+///
+/// Tensors outside the adapter's layout are the verifier's bug (REJECT_REASON_INTERNAL).
+pub fn check_delta_tie(delivered: &Delivered<'_>, end: &NamedTensors) -> Result<(), Rejection> {
+    let expected = swarmtune_trainer::train::subtract(delivered.start, end);
+    if !tensors::same_layout(&expected, delivered.delta) || expected.len() != end.len() {
+        return reject(
+            RejectReason::Internal,
+            "the delta, the start adapter and the end state have different tensors",
+        );
+    }
+    // Rounding slack, in units of the values compared.
+    const ROUNDING: f64 = 1.0 / (1u64 << 22) as f64;
+    for ((name, e), d) in expected.iter().zip(delivered.delta.values()) {
+        let (rows, cols) = e.rows_cols();
+        // Top-k: the residual a kept coordinate may carry, and the largest |e| left out.
+        let (rho, unkept_bound) = match delivered.encoding {
+            DeltaEncoding::TopK { .. } => {
+                let kept: Vec<f64> = d
+                    .data
+                    .iter()
+                    .filter(|v| **v != 0.0)
+                    .map(|v| f64::from(v.abs()))
+                    .collect();
+                let tau_d = kept.iter().copied().reduce(f64::min).unwrap_or(0.0);
+                let tau_e = if kept.is_empty() {
+                    0.0
+                } else {
+                    let mut magnitudes: Vec<f64> =
+                        e.data.iter().map(|v| f64::from(v.abs())).collect();
+                    let k = kept.len().min(magnitudes.len());
+                    let (_, kth, _) =
+                        magnitudes.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+                    *kth
+                };
+                let rho = TOPK_RESIDUAL_FACTOR * tau_d.min(tau_e);
+                let dot: f64 = e
+                    .data
+                    .iter()
+                    .zip(&d.data)
+                    .map(|(&ev, &dv)| f64::from(ev) * f64::from(dv))
+                    .sum();
+                let points_along = dot > 0.0;
+                if !kept.is_empty() && !points_along {
+                    return reject(
+                        RejectReason::ChallengeEndMismatch,
+                        format!(
+                            "the delta is not the start adapter minus the committed final state: \
+                             the values {name} keeps point away from start − end (dot product \
+                             {dot:e}); topk allows only a residual of at most {rho:e} per value"
+                        ),
+                    );
+                }
+                (rho, tau_d + rho)
+            }
+            _ => (0.0, 0.0),
+        };
+        for row in 0..rows.max(1) {
+            let range = row * cols..((row + 1) * cols).min(e.data.len());
+            let (e_row, d_row) = (&e.data[range.clone()], &d.data[range.clone()]);
+            // The encoder's scale, in f32 as the encoder computes it.
+            let scale = f64::from(e_row.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0);
+            for (j, (&ev, &dv)) in e_row.iter().zip(d_row).enumerate() {
+                let (ev, dv) = (f64::from(ev), f64::from(dv));
+                let allowed = match delivered.encoding {
+                    DeltaEncoding::F32 => ev.abs() * f64::from(f32::EPSILON),
+                    DeltaEncoding::F16 => ev.abs() / 2048.0 + 1.0 / (1u64 << 25) as f64,
+                    DeltaEncoding::Int8RowWise => scale / 2.0 + ROUNDING * (ev.abs() + scale),
+                    DeltaEncoding::TopK { .. } => {
+                        let slack = ROUNDING * (ev.abs() + dv.abs());
+                        // Not kept: d is 0, so the check below is on |e|.
+                        (if dv != 0.0 { rho } else { unkept_bound }) + slack
+                    }
+                };
+                let error = (dv - ev).abs();
+                // NaN never passes.
+                if !at_most(error, allowed) {
+                    let index = row * cols + j;
+                    return reject(
+                        RejectReason::ChallengeEndMismatch,
+                        format!(
+                            "the delta is not the start adapter minus the committed final state: \
+                             {name}[{index}] is {dv:e}, start − end is {ev:e}, and {} allows an \
+                             error of at most {allowed:e}",
+                            delivered.encoding.name()
+                        ),
+                    );
+                }
+            }
         }
     }
+    Ok(())
 }
 
 /// A fetched blob must be the one the answer names (the blob fetch guarantees it, so a
@@ -1369,6 +1682,16 @@ mod tests {
                 spec: &self.spec,
                 layout: self.layout(),
                 provenance,
+                delivered: self.delivered(),
+            }
+        }
+
+        /// The honest f32 delta, as the engine hands it to the checks.
+        fn delivered(&self) -> Delivered<'_> {
+            Delivered {
+                start: self.layout(),
+                delta: &self.outcome.delta,
+                encoding: DeltaEncoding::F32,
             }
         }
 
@@ -1401,7 +1724,7 @@ mod tests {
                 start_state: start,
                 end_state: end,
             };
-            check_segment(&self.replay(verifier), env, &policy(), asked, &answer)
+            check_segment(&self.replay(verifier), env, &policy(), asked, true, &answer)
         }
 
         /// Challenges segment `i` of `env` with the honest volunteer's answer.
@@ -2207,7 +2530,7 @@ mod tests {
             };
             let replay = s.replay(&s.provenance);
             assert_rejected(
-                check_segment(&replay, &s.env, &policy(), &asked, &answer),
+                check_segment(&replay, &s.env, &policy(), &asked, true, &answer),
                 RejectReason::ChallengeUnanswered,
                 "the answer is for segment 4..6",
             );
@@ -2221,7 +2544,7 @@ mod tests {
                 ..answer
             };
             assert_rejected(
-                check_segment(&replay, &s.env, &policy(), &asked, &answer),
+                check_segment(&replay, &s.env, &policy(), &asked, true, &answer),
                 RejectReason::ChallengeUnanswered,
                 "no start state blob",
             );
@@ -2320,10 +2643,231 @@ mod tests {
                 start_state: &start,
                 end_state: Some(&end),
             };
-            let verdict = check_segment(&replay, &s.env, &policy(), &asked, &answer).unwrap();
+            let verdict = check_segment(&replay, &s.env, &policy(), &asked, true, &answer).unwrap();
             assert!(
                 matches!(verdict, SegmentVerdict::WithinTolerance(a) if a.cosine > 0.999 && a.relative_error < 0.01),
                 "{verdict:?}"
+            );
+        });
+    }
+
+    /// Decodes what the volunteer's encoder makes of `delta`, and ties it to `end`.
+    fn tie(
+        start: &NamedTensors,
+        end: &NamedTensors,
+        encoding: DeltaEncoding,
+        bytes: &[u8],
+    ) -> Result<(), Rejection> {
+        let delta = delta::decode(bytes, &DecodeLimits::default()).unwrap();
+        check_delta_tie(
+            &Delivered {
+                start,
+                delta: &delta,
+                encoding,
+            },
+            end,
+        )
+    }
+
+    #[test]
+    fn a_delta_must_be_the_start_minus_the_committed_final_state() {
+        with_setup(|s| {
+            let start = s.layout();
+            let end = &s.outcome.end_state.params;
+            assert_eq!(end, &s.outcome.snapshots[4].params);
+            let honest = &s.outcome.delta;
+            let subtract = swarmtune_trainer::train::subtract;
+            // Halfway through the lease: a real state of the chain, but not its end.
+            let halfway = subtract(start, &s.outcome.snapshots[2].params);
+            let dense = [
+                DeltaEncoding::F32,
+                DeltaEncoding::F16,
+                DeltaEncoding::Int8RowWise,
+            ];
+            for encoding in dense {
+                let check = |delta: &NamedTensors| {
+                    tie(
+                        start,
+                        end,
+                        encoding,
+                        &delta::encode(delta, encoding).unwrap(),
+                    )
+                };
+                check(honest).unwrap_or_else(|r| panic!("{encoding:?}: {r}"));
+                for (what, wrong) in [
+                    ("sign-flipped", scaled(honest, -1.0)),
+                    ("scaled by 1.01", scaled(honest, 1.01)),
+                    ("from step 4", halfway.clone()),
+                ] {
+                    let r = assert_rejected(
+                        check(&wrong),
+                        RejectReason::ChallengeEndMismatch,
+                        "not the start adapter minus the committed final state",
+                    );
+                    assert!(r.message.contains(encoding.name()), "{what}: {r}");
+                }
+            }
+            // The bound is that of the encoding, not looser: f32 is exact, and 1.01 is far
+            // beyond f16's 2^-11 and int8's half step of the largest value of a row.
+            let nudged = {
+                let mut d = honest.clone();
+                let t = d.values_mut().next().unwrap();
+                let i = t.data.iter().position(|v| *v != 0.0).unwrap();
+                t.data[i] = f32::from_bits(t.data[i].to_bits() + 4);
+                d
+            };
+            assert_rejected(
+                tie(
+                    start,
+                    end,
+                    DeltaEncoding::F32,
+                    &delta::encode(&nudged, DeltaEncoding::F32).unwrap(),
+                ),
+                RejectReason::ChallengeEndMismatch,
+                "f32 allows",
+            );
+            // An int8 blob whose scales are made up cannot buy itself a looser bound: the
+            // allowed error comes from start − end, not from the blob.
+            let zeros = scaled(honest, 0.0);
+            assert_rejected(
+                tie(
+                    start,
+                    end,
+                    DeltaEncoding::Int8RowWise,
+                    &delta::encode(&zeros, DeltaEncoding::Int8RowWise).unwrap(),
+                ),
+                RejectReason::ChallengeEndMismatch,
+                "int8-rowwise allows",
+            );
+
+            // Top-k keeps the largest values of e + r, r the volunteer's error-feedback
+            // residual. Without a residual the kept values are exact; with one left by an
+            // earlier lease of the same size, they are off by at most about its smallest kept
+            // value, which the check allows.
+            let topk = DeltaEncoding::TopK { fraction: 0.1 };
+            tie(start, end, topk, &delta::encode(honest, topk).unwrap()).unwrap();
+            let mut residual = NamedTensors::new();
+            let plain = delta::encode_topk_with_feedback(honest, &mut residual, 0.1).unwrap();
+            assert!(tensors::norm(&residual) > 0.0);
+            let fed = delta::encode_topk_with_feedback(honest, &mut residual, 0.1).unwrap();
+            assert_ne!(fed, plain, "the residual changed what is sent");
+            tie(start, end, topk, &fed).unwrap();
+            for (what, wrong) in [
+                ("sign-flipped", scaled(honest, -1.0)),
+                ("scaled by 10", scaled(honest, 10.0)),
+                (
+                    "a quarter of the way",
+                    subtract(start, &s.outcome.snapshots[1].params),
+                ),
+            ] {
+                let r = tie(start, end, topk, &delta::encode(&wrong, topk).unwrap());
+                assert!(
+                    matches!(&r, Err(e) if e.reason == RejectReason::ChallengeEndMismatch
+                        && e.message.contains("topk allows")),
+                    "{what}: {r:?}"
+                );
+            }
+            // Keeping the wrong coordinates: the largest ones left out.
+            let mut smallest = honest.clone();
+            for t in smallest.values_mut() {
+                let mut order: Vec<usize> = (0..t.data.len()).collect();
+                order.sort_by(|&a, &b| t.data[a].abs().total_cmp(&t.data[b].abs()));
+                let keep: std::collections::HashSet<usize> =
+                    order.into_iter().take(t.data.len() / 10).collect();
+                for (i, v) in t.data.iter_mut().enumerate() {
+                    if !keep.contains(&i) {
+                        *v = 0.0;
+                    }
+                }
+            }
+            assert_rejected(
+                tie(start, end, topk, &delta::encode(&smallest, topk).unwrap()),
+                RejectReason::ChallengeEndMismatch,
+                "topk allows",
+            );
+        });
+    }
+
+    #[test]
+    fn the_last_segment_ties_the_delta_to_the_chain_replayed_or_not() {
+        with_setup(|s| {
+            let last = s.segment(3);
+            let end = s.outcome.snapshots[4].to_bytes().unwrap();
+            let flipped = scaled(&s.outcome.delta, -1.0);
+            let elsewhere = Provenance {
+                threads: 3,
+                ..s.provenance.clone()
+            };
+            let check = |delta: &NamedTensors,
+                         verifier: &Provenance,
+                         asked: &v1::Segment,
+                         replayed: bool,
+                         end: Option<&[u8]>| {
+                let i = (asked.start_step / 2) as usize;
+                let start = s.outcome.snapshots[i].to_bytes().unwrap();
+                let state = v1::SegmentState {
+                    segment: Some(*asked),
+                    start_state: Some(cid(&start)),
+                    claimed_end_hash: s.env.commitments[i + 1].state_hash.clone(),
+                    end_state: end.map(cid),
+                };
+                let answer = SegmentAnswer {
+                    state: &state,
+                    start_state: &start,
+                    end_state: end,
+                };
+                let replay = Replay {
+                    delivered: Delivered {
+                        delta,
+                        ..s.delivered()
+                    },
+                    ..s.replay(verifier)
+                };
+                check_segment(&replay, &s.env, &policy(), asked, replayed, &answer)
+            };
+            let honest = &s.outcome.delta;
+            // Not replayed: the states are checked against their commitments, and the end
+            // state against the delta.
+            assert_eq!(
+                check(honest, &s.provenance, &last, false, Some(&end)).unwrap(),
+                SegmentVerdict::StatesMatch
+            );
+            assert_rejected(
+                check(honest, &s.provenance, &last, false, None),
+                RejectReason::ChallengeUnanswered,
+                "not replayed, so its end state is needed",
+            );
+            let wrong_end = s.outcome.snapshots[3].to_bytes().unwrap();
+            assert_rejected(
+                check(honest, &s.provenance, &last, false, Some(&wrong_end)),
+                RejectReason::ChallengeEndMismatch,
+                "the end state hashes to",
+            );
+            // The honest volunteer that flipped its delta: caught whichever way the last
+            // segment is checked, exactly or across provenances.
+            for (verifier, replayed, end) in [
+                (&s.provenance, false, Some(end.as_slice())),
+                (&s.provenance, true, None),
+                (&s.provenance, true, Some(end.as_slice())),
+                (&elsewhere, true, Some(end.as_slice())),
+            ] {
+                assert_rejected(
+                    check(&flipped, verifier, &last, replayed, end),
+                    RejectReason::ChallengeEndMismatch,
+                    "segment 6..8: the delta is not the start adapter minus the committed final state",
+                );
+            }
+            check(honest, &elsewhere, &last, true, Some(&end)).unwrap();
+            // Segments before the last say nothing about the delta.
+            let second = s.segment(1);
+            let second_end = s.outcome.snapshots[2].to_bytes().unwrap();
+            assert_eq!(
+                check(&flipped, &s.provenance, &second, true, None).unwrap(),
+                SegmentVerdict::Exact
+            );
+            assert_eq!(
+                check(&flipped, &s.provenance, &second, false, Some(&second_end)).unwrap(),
+                SegmentVerdict::StatesMatch
             );
         });
     }
@@ -2354,18 +2898,43 @@ mod tests {
             ..Reputation::default()
         };
 
-        // Probation and low reputation: every delta, with two distinct consecutive segments.
+        // Probation and low reputation: every delta, with two distinct consecutive segments
+        // replayed, and the last segment always asked for, replayed only when it was drawn.
+        let last = v1::Segment {
+            start_step: 15,
+            end_step: 20,
+        };
+        let mut last_drawn = 0;
         for peer in [&newcomer, &distrusted] {
             for _ in 0..1000 {
-                let segments = plan_challenge(&chain, &policy, peer, &mut rng);
-                assert_eq!(segments.len(), 2);
-                assert!(segments[0].start_step < segments[1].start_step);
-                for s in &segments {
+                let plan = plan_challenge(&chain, &policy, peer, &mut rng);
+                let replayed = plan.replayed_segments();
+                assert_eq!(replayed.len(), 2, "{plan:?}");
+                assert!(replayed[0].start_step < replayed[1].start_step);
+                assert_eq!(plan.segments.last(), Some(&last), "{plan:?}");
+                assert!(
+                    plan.segments
+                        .windows(2)
+                        .all(|w| w[0].start_step < w[1].start_step)
+                );
+                if plan.segments.len() == 2 {
+                    assert_eq!(plan.replayed, [true, true]);
+                    last_drawn += 1;
+                } else {
+                    assert_eq!(plan.replayed, [true, true, false], "{plan:?}");
+                }
+                for s in &plan.segments {
                     assert_eq!(s.end_step, s.start_step + 5);
                     assert!(s.start_step % 5 == 0 && s.end_step <= 20);
                 }
             }
         }
+        // Two of four segments drawn: the last among them half the time.
+        let sd = (2000.0f64 * 0.5 * 0.5).sqrt();
+        assert!(
+            (f64::from(last_drawn) - 1000.0).abs() < 5.0 * sd,
+            "{last_drawn}"
+        );
         // Probation ends with the third accepted delta.
         let graduated = Reputation {
             accepted: 3,
@@ -2406,9 +2975,11 @@ mod tests {
         };
         let mut hits = [0u32; 4];
         for _ in 0..8000 {
-            let segments = plan_challenge(&chain, &one, &newcomer, &mut rng);
-            assert_eq!(segments.len(), 1);
-            hits[(segments[0].start_step / 5) as usize] += 1;
+            let plan = plan_challenge(&chain, &one, &newcomer, &mut rng);
+            let replayed = plan.replayed_segments();
+            assert_eq!(replayed.len(), 1);
+            assert_eq!(plan.segments.len(), if replayed[0] == last { 1 } else { 2 });
+            hits[(replayed[0].start_step / 5) as usize] += 1;
         }
         let sd = (8000.0f64 * 0.25 * 0.75).sqrt();
         for h in hits {
@@ -2421,9 +2992,21 @@ mod tests {
             ..policy
         };
         let all = plan_challenge(&chain, &many, &newcomer, &mut rng);
-        let starts: Vec<u64> = all.iter().map(|s| s.start_step).collect();
+        let starts: Vec<u64> = all.segments.iter().map(|s| s.start_step).collect();
         assert_eq!(starts, vec![0, 5, 10, 15]);
-        assert_eq!(replay_cost_fraction(&all, 20), 1.0);
+        assert_eq!(all.replayed, [true; 4]);
+        assert_eq!(replay_cost_fraction(&all.replayed_segments(), 20), 1.0);
+        // At most 64 segments, the last one included.
+        let long = commitments(101);
+        let most = v1::VerificationPolicy {
+            segments_per_challenge: 64,
+            ..policy
+        };
+        for _ in 0..20 {
+            let plan = plan_challenge(&long, &most, &newcomer, &mut rng);
+            assert!(plan.segments.len() == 64 && plan.segments[63].end_step == 500);
+            assert!(plan.replayed_segments().len() >= 63);
+        }
         assert!(plan_challenge(&commitments(1), &policy, &newcomer, &mut rng).is_empty());
 
         // The compute this costs: one 5-step segment of a 100-step lease is 5 %.

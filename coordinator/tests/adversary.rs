@@ -13,21 +13,20 @@
 //! - `max_delta_norm` sits between the honest norms and 100 times them (an AdamW step moves
 //!   each weight by about the learning rate, so honest norms hardly vary; the test checks the
 //!   margin).
-//!
-//! What the engine does not catch by construction: a delta blob is not tied to its commitment
-//! chain (no check compares it with the chain's final state), so an attacker that trains
-//! honestly and answers every challenge with its genuine states may send any other delta
-//! that passes the norm bound and the probe loss. The sign-flipped attacker is that attacker:
-//! from a version whose LoRA `B` is not zero, minus an honest delta raises its lease's probe
-//! loss far beyond the tolerance (by about 1 nat here), so it runs in round 2. From the fresh
-//! adapter (`B = 0`) the flip keeps the second-order term `ΔB·ΔA` of the update and even lowers
-//! the probe loss, so it is accepted: the ignored test at the end shows that gap.
+//! - A delta is tied to its commitment chain: every challenge asks for the last segment, and
+//!   the delta must be the lease's start minus that segment's (committed) end state. The
+//!   sign-flipped attacker trains honestly and answers every challenge with its genuine
+//!   states; from a version whose LoRA `B` is not zero, minus an honest delta raises its
+//!   lease's probe loss far beyond the tolerance (by about 1 nat here), so the probe rejects
+//!   it in round 2. From the fresh adapter (`B = 0`) the flip keeps the second-order term
+//!   `ΔB·ΔA` of the update and even lowers the probe loss, and only the tie to the chain
+//!   catches it: the test at the end.
 
 mod common;
 
 use common::{
     Volunteer, answer_from, ask, fixed_key, granted, judge, lease_start_state, running_job_as,
-    tensors, volunteer_base,
+    scaled, tensors, volunteer_base,
 };
 use libp2p_identity::PeerId;
 use prost::Message;
@@ -92,7 +91,9 @@ impl Attack {
         use RejectReason as R;
         match (self, attempt) {
             (Self::Scaled, _) => &[R::NormTooLarge],
-            (Self::SignFlipped, _) => &[R::ProbeLossRegression],
+            // From a trained version the flip fails the probe; from the fresh adapter it may
+            // not, and the last segment's end state shows the delta is not its chain's.
+            (Self::SignFlipped, _) => &[R::ProbeLossRegression, R::ChallengeEndMismatch],
             // Noise may already fail the probe; if not, replaying any segment of the made-up
             // chain misses its next hash.
             (Self::Random, _) => &[R::ProbeLossRegression, R::ChallengeEndMismatch],
@@ -273,15 +274,6 @@ fn attack_once(
             })
         }
     }
-}
-
-/// `t` times `factor`.
-fn scaled(t: &NamedTensors, factor: f32) -> NamedTensors {
-    let mut out = t.clone();
-    for v in out.values_mut() {
-        v.data.iter_mut().for_each(|x| *x *= factor);
-    }
-    out
 }
 
 /// Gaussian noise shaped like `layout`, scaled to norm `norm`.
@@ -540,13 +532,11 @@ fn attackers_are_rejected_and_banned_and_the_honest_job_still_improves() {
     );
 }
 
-/// The gap the module comment describes: a volunteer that trains honestly from the fresh
-/// adapter, keeps its genuine commitment chain and sends minus its delta passes every check
-/// (its probe loss even goes down) and is merged. Un-ignore once the engine ties a delta to the
-/// final state of its chain (e.g. compare `start − end` with the delta whenever the last
-/// segment is challenged).
+/// A volunteer that trains honestly from the fresh adapter, keeps its genuine commitment chain
+/// and sends minus its delta passes the cheap checks (its probe loss even goes down), but its
+/// challenge always asks for the last segment, whose end state the delta must be the start
+/// minus: it is caught at once, as a cheater, and banned.
 #[test]
-#[ignore = "known gap: a delta is not tied to its commitment chain"]
 fn a_sign_flipped_delta_from_the_fresh_adapter_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let (mut world, _, honest, attackers) = setup(dir.path(), 1, &[Attack::SignFlipped]);
@@ -555,5 +545,22 @@ fn a_sign_flipped_delta_from_the_fresh_adapter_is_rejected() {
         victim,
         previous_adapter: None,
     };
-    world.attack_until_banned(&attackers[0], Attack::SignFlipped, &ctx);
+    let verdicts = world.attack_until_banned(&attackers[0], Attack::SignFlipped, &ctx);
+    assert_eq!(
+        verdicts.len(),
+        1,
+        "banned at the first flipped delta: {verdicts:#?}"
+    );
+    let verdict = &verdicts[0];
+    assert_eq!(
+        verdict.reason(),
+        RejectReason::ChallengeEndMismatch,
+        "{verdict:?}"
+    );
+    assert!(
+        verdict
+            .message
+            .contains("the delta is not the start adapter minus the committed final state"),
+        "{verdict:?}"
+    );
 }

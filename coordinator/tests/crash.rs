@@ -243,12 +243,14 @@ impl Child {
                         self.event(format_args!("challenged {id}"));
                         challenge.segments
                     }
+                    Next::AwaitingTwin => panic!("no redundancy in this job"),
                 }
             }
             DeltaStatus::Challenged { segments, .. } => segments
                 .iter()
                 .map(|s| v1::Segment::decode(s.as_slice()).unwrap())
                 .collect(),
+            DeltaStatus::AwaitingTwin { .. } => panic!("no redundancy in this job"),
         };
         let v = &self.volunteers[i];
         let outcome: TrainOutcome = outcome.unwrap_or_else(|| v.train(&self.coordinator, &lease));
@@ -259,8 +261,10 @@ impl Child {
         };
         let answer = answer_from(&self.coordinator, &outcome.snapshots, &challenge);
         let now = self.tick();
-        let verdict = self.coordinator.answer_challenge(id, &answer, now).unwrap();
-        self.accepted(&verdict);
+        match self.coordinator.answer_challenge(id, &answer, now).unwrap() {
+            Next::Verdict(verdict) => self.accepted(&verdict),
+            other => panic!("lease {id}: {other:?}"),
+        }
     }
 
     fn accepted(&self, verdict: &v1::VerificationVerdict) {

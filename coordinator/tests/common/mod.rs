@@ -161,6 +161,15 @@ pub fn granted(answer: LeaseAnswer) -> v1::Lease {
     }
 }
 
+/// `t` times `factor`.
+pub fn scaled(t: &NamedTensors, factor: f32) -> NamedTensors {
+    let mut out = t.clone();
+    for v in out.values_mut() {
+        v.data.iter_mut().for_each(|x| *x *= factor);
+    }
+    out
+}
+
 /// A blob the coordinator's store holds, by its wire id.
 pub fn blob(coordinator: &Coordinator, id: &Option<v1::ContentId>) -> Vec<u8> {
     let id = ContentId::try_from(id.as_ref().unwrap()).unwrap();
@@ -194,26 +203,45 @@ pub fn lease_start_state(coordinator: &Coordinator, lease: &v1::Lease) -> LoraSt
 }
 
 /// Delivers `envelope` for `lease_id` and takes it to a verdict: the receipt, the cheap
-/// checks and, when the engine asks, a challenge answered by `answer`.
+/// checks and, when the engine asks, challenges answered by `answer`.
 pub fn judge(
     coordinator: &Coordinator,
     peer: &PeerId,
     envelope: &v1::Signed,
     lease_id: u64,
     now: u64,
-    answer: impl FnOnce(&v1::SegmentChallenge) -> v1::SegmentStates,
+    answer: impl FnMut(&v1::SegmentChallenge) -> v1::SegmentStates,
 ) -> v1::VerificationVerdict {
     match coordinator.submit_delta(peer, envelope, now).unwrap() {
         v1::delta_response::Body::Verdict(verdict) => verdict,
         v1::delta_response::Body::DeltaReceipt(_) => {
-            match coordinator.verify(lease_id, true, now).unwrap() {
-                Next::Verdict(verdict) => *verdict,
-                Next::Challenge(challenge) => coordinator
-                    .answer_challenge(lease_id, &answer(&challenge), now)
-                    .unwrap(),
+            let next = coordinator.verify(lease_id, true, now).unwrap();
+            match follow(coordinator, lease_id, next, now, answer) {
+                Some(verdict) => verdict,
+                None => panic!("lease {lease_id} waits for its redundant twin"),
             }
         }
         other => panic!("{other:?}"),
+    }
+}
+
+/// Takes what the engine decided about the delta of `lease_id` on: challenges answered by
+/// `answer` until a verdict, or `None` when the delta waits for its redundant twin.
+pub fn follow(
+    coordinator: &Coordinator,
+    lease_id: u64,
+    mut next: Next,
+    now: u64,
+    mut answer: impl FnMut(&v1::SegmentChallenge) -> v1::SegmentStates,
+) -> Option<v1::VerificationVerdict> {
+    loop {
+        next = match next {
+            Next::Verdict(verdict) => return Some(*verdict),
+            Next::AwaitingTwin => return None,
+            Next::Challenge(challenge) => coordinator
+                .answer_challenge(lease_id, &answer(&challenge), now)
+                .unwrap(),
+        };
     }
 }
 
