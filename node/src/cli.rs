@@ -18,6 +18,21 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the whole network on this machine: a coordinator and three volunteers on
+    /// 127.0.0.1 teach the built-in base a skill, then show base and module side by side.
+    Demo(DemoArgs),
+    /// Volunteer: lend this machine's CPU or GPU to train modules for the swarm.
+    Node(NodeArgs),
+    /// Host training jobs: hand out leases, verify and merge deltas, publish module versions.
+    Coordinator(CoordinatorArgs),
+    /// Submit a training job (a TOML file such as examples/job.toml) to a coordinator.
+    Submit(SubmitArgs),
+    /// Show a coordinator's jobs, or one job's rounds, versions, peers and verdicts.
+    Status(StatusArgs),
+    /// Download a module version as a PEFT adapter directory (loads in swarmtune and PEFT).
+    Pull(PullArgs),
+    /// Print this data dir's peer id (creating its key on first use).
+    Id(IdArgs),
     /// Check a checkpoint against a reference: write its logits or LoRA gradients.
     #[command(subcommand)]
     Inspect(InspectCommand),
@@ -28,6 +43,149 @@ pub enum Command {
     /// Measure: how well a module learns the demo's skill, and how fast LoRA trains here.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// Where a command keeps its key, blobs and settings.
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Data directory: identity key, blobs, database, cached models [default:
+    /// $SWARMTUNE_HOME, else ~/.swarmtune].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Settings file (TOML) [default: DATA_DIR/config.toml, if present]; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// Where a node or coordinator is reachable and how it joins.
+#[derive(Args, Debug, Clone)]
+pub struct SwarmArgs {
+    /// Address to listen on, e.g. /ip4/0.0.0.0/tcp/4001 (repeatable) [default: TCP and QUIC
+    /// on all interfaces].
+    #[arg(long, value_name = "MULTIADDR")]
+    pub listen: Vec<String>,
+    /// A peer to join the swarm through, ending in /p2p/PEERID (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<String>,
+    /// Do not look for peers on the local network (mDNS).
+    #[arg(long)]
+    pub no_mdns: bool,
+}
+
+/// `swarmtune node`
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
+    /// Compute backend: cpu (burn-flex), ndarray or gpu (a build with the gpu feature).
+    #[arg(long)]
+    pub device: Option<DeviceKind>,
+    /// CPU threads for training (0: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Memory training may use, in GB (told to coordinators, which size leases to it).
+    #[arg(long, value_name = "GB")]
+    pub max_memory: Option<f64>,
+}
+
+/// `swarmtune coordinator`
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub swarm: SwarmArgs,
+    /// CPU threads for verification replays and evaluation (0: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// How a client command reaches its coordinator.
+#[derive(Args, Debug, Clone)]
+pub struct CoordinatorAddr {
+    /// The coordinator's address, ending in /p2p/PEERID (it prints it at start) [default:
+    /// `coordinator` in the config file].
+    #[arg(long, value_name = "MULTIADDR")]
+    pub coordinator: Option<String>,
+    /// Seconds to wait for the coordinator to answer.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+}
+
+/// `swarmtune submit`
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// The job file (TOML), e.g. examples/job.toml.
+    pub job: PathBuf,
+    #[command(flatten)]
+    pub to: CoordinatorAddr,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Seconds to keep serving the dataset while the coordinator fetches it.
+    #[arg(long, default_value_t = 600)]
+    pub upload_timeout: u64,
+}
+
+/// `swarmtune status`
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// A job id (or a prefix of it); without one, every job of the coordinator.
+    pub job: Option<String>,
+    #[command(flatten)]
+    pub to: CoordinatorAddr,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Draw the job's eval loss per version into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+/// `swarmtune pull`
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// The module, optionally with a version: shout or shout@3 [default version: the latest].
+    pub module: String,
+    /// Directory to write the PEFT adapter to (adapter_model.safetensors, adapter_config.json,
+    /// manifest.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write base + adapter merged as a Hugging Face checkpoint in OUT/merged.
+    #[arg(long)]
+    pub merged: bool,
+    #[command(flatten)]
+    pub to: CoordinatorAddr,
+    #[command(flatten)]
+    pub data: DataArgs,
+}
+
+/// `swarmtune id`
+#[derive(Args, Debug)]
+pub struct IdArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+}
+
+/// `swarmtune demo`
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Keep the data dirs, logs, a loss plot and the pulled module (DIR/module) here
+    /// [default: a temporary directory, removed at the end].
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<PathBuf>,
+    /// Volunteers to start.
+    #[arg(long, default_value_t = 3)]
+    pub volunteers: usize,
+    /// Rounds to train [default: the count in examples/job.toml].
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    /// Optimizer steps per lease [default: examples/job.toml's inner_steps].
+    #[arg(long)]
+    pub inner_steps: Option<u32>,
 }
 
 /// `swarmtune bench ...`

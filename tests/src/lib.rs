@@ -1,1 +1,168 @@
-//! End-to-end test harness (filled by later issues).
+//! End-to-end test harness: runs `swarmtune` commands as real child processes, reads what they
+//! print, and kills them.
+//!
+//! Cargo exposes a binary's path only to its own package's tests, so the children are this
+//! test binary itself, re-executed to run one ignored test, [`child_entry!`]'s, which calls
+//! `swarmtune_node::run` (what the `swarmtune` binary's `main` calls) with the arguments
+//! in `SWARMTUNE_CLI_ARGS`, and exits with its code. Every child is killed when its [`Proc`] is
+//! dropped, so a failing test leaves no process behind.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The environment variable that carries a child's command line (fields separated by 0x1f).
+pub const ARGS_VAR: &str = "SWARMTUNE_CLI_ARGS";
+/// The name of the ignored test that runs a child.
+pub const CHILD: &str = "swarmtune_cli_child";
+
+/// Defines the ignored test children run as. Put it once in each test file that uses [`Proc`].
+#[macro_export]
+macro_rules! child_entry {
+    () => {
+        #[test]
+        #[ignore = "the end-to-end tests run swarmtune commands through it, as child processes"]
+        fn swarmtune_cli_child() {
+            $crate::run_child();
+        }
+    };
+}
+
+/// In a child: runs the command line from [`ARGS_VAR`] and exits with its code.
+pub fn run_child() {
+    let Ok(args) = std::env::var(ARGS_VAR) else {
+        return;
+    };
+    let argv = std::iter::once("swarmtune".into()).chain(args.split('\u{1f}').map(Into::into));
+    let code = swarmtune_node::run(argv);
+    std::process::exit(i32::from(code));
+}
+
+/// A `swarmtune` child process; killed (SIGKILL) when dropped.
+pub struct Proc {
+    /// What it was started with, for messages.
+    pub name: String,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Every stdout line read so far.
+    pub seen: Vec<String>,
+}
+
+/// Starts `swarmtune ARGS` as a child process, its stderr appended to `log`.
+pub fn spawn(name: &str, args: &[&str], log: &Path) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open the log file");
+    let mut child = Command::new(std::env::current_exe().expect("the test binary"))
+        .args([CHILD, "--exact", "--nocapture", "--include-ignored"])
+        .env(ARGS_VAR, args.join("\u{1f}"))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("start a child");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Proc {
+        name: name.to_owned(),
+        child,
+        lines,
+        seen: Vec::new(),
+    }
+}
+
+impl Proc {
+    /// Waits for a stdout line starting with `prefix` and returns the rest of it.
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        if let Some(line) = self.seen.iter().find(|l| l.starts_with(prefix)) {
+            return line[prefix.len()..].to_owned();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.to_owned();
+                    }
+                }
+                Err(_) => panic!(
+                    "{}: no line starting with {prefix:?} within {timeout:?}; got {:?}",
+                    self.name, self.seen
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit (at most `timeout`); returns its code and its stdout.
+    pub fn finish(mut self, timeout: Duration) -> (i32, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for a child") {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return (status.code().unwrap_or(-1), self.seen.join("\n"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, at once.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `swarmtune ARGS` to completion and returns its stdout, asserting it exited with 0.
+pub fn run_ok(args: &[&str], log: &Path, timeout: Duration) -> String {
+    let (code, out) = spawn(&args.join(" "), args, log).finish(timeout);
+    assert_eq!(
+        code,
+        0,
+        "swarmtune {} exited with {code}: {out}",
+        args.join(" ")
+    );
+    out
+}
+
+/// The last stdout line of `out` that parses as a JSON object.
+pub fn last_json(out: &str) -> serde_json::Value {
+    out.lines()
+        .rev()
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .filter(|v| v.is_object())
+        })
+        .unwrap_or_else(|| panic!("no JSON in {out:?}"))
+}

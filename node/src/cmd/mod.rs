@@ -1,15 +1,26 @@
 //! One module per subcommand; `run` dispatches.
 
 mod bench;
+pub mod client;
 mod generate;
 mod inspect;
+pub mod network;
 mod pretrain;
 
-use crate::cli::{BenchCommand, Cli, Command, InspectCommand};
+use std::time::Duration;
+
+use crate::cli::{BenchCommand, Cli, Command, DemoArgs, InspectCommand};
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo(args) => demo(args),
+        Command::Node(args) => network::node(args),
+        Command::Coordinator(args) => network::coordinator(args),
+        Command::Id(args) => network::id(args),
+        Command::Submit(args) => client::submit(args),
+        Command::Status(args) => client::status(args),
+        Command::Pull(args) => client::pull(args),
         Command::Inspect(InspectCommand::Logits(args)) => inspect::logits(args),
         Command::Inspect(InspectCommand::Grads(args)) => inspect::grads(args),
         Command::Generate(args) => generate::run(args),
@@ -19,6 +30,44 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Net(args)) => bench::net(args),
         Command::Bench(BenchCommand::Merge(args)) => bench::merge(args),
     }
+}
+
+/// `swarmtune demo`.
+fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let temp;
+    let dir = match &args.keep {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::tempdir()?;
+            temp.path().to_owned()
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let config = crate::demo::DemoConfig {
+        dir: dir.clone(),
+        volunteers: args.volunteers.max(1),
+        rounds: args.rounds,
+        inner_steps: args.inner_steps,
+        // The volunteers share this machine's cores.
+        threads_per_volunteer: (threads / args.volunteers.max(1)).max(1),
+        show: true,
+        timeout: Duration::from_secs(3600),
+    };
+    println!(
+        "swarmtune demo: a coordinator and {} volunteers on 127.0.0.1 teach the built-in base \
+         to shout (examples/job.toml)",
+        config.volunteers
+    );
+    let report = network::runtime()?.block_on(crate::demo::run(&config))?;
+    crate::demo::print_report(&report);
+    if args.keep.is_some() {
+        println!(
+            "kept in {}: data dirs, the loss plot (loss.svg) and the module (module/, a PEFT \
+             adapter dir)",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// `dir`, or the built-in base unpacked into a directory of its own under the system's temp
