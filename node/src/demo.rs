@@ -56,7 +56,7 @@ pub struct DemoConfig {
 pub struct DemoReport {
     /// The job's id.
     pub job_id: [u8; 32],
-    /// The job's final status.
+    /// The job's final status, its versions oldest first.
     pub status: v1::JobStatus,
     /// The pulled module's directory (a PEFT adapter dir).
     pub module_dir: PathBuf,
@@ -319,7 +319,9 @@ async fn follow(
             "the demo did not finish in {} s",
             config.timeout.as_secs()
         );
-        let status = client::job_status(client, coordinator, job).await?;
+        let mut status = client::job_status(client, coordinator, job).await?;
+        // The wire lists versions newest first; the story goes oldest first.
+        status.versions.sort_by_key(|v| v.version);
         for v in &status.recent_verdicts {
             if verdicts_seen.insert(v.lease_id) && config.show {
                 let peer = PeerId::from_bytes(&v.peer_id)

@@ -7,6 +7,9 @@ use plotters::prelude::*;
 /// Draws `(version, eval loss)` points as a line with markers into `path`.
 pub fn eval_loss_svg(path: &Path, title: &str, points: &[(u64, f64)]) -> anyhow::Result<()> {
     anyhow::ensure!(!points.is_empty(), "no version has an eval loss yet");
+    let mut points = points.to_vec();
+    points.sort_by_key(|p| p.0);
+    let points = points.as_slice();
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE)?;
     let (lo, hi) = points

@@ -133,8 +133,11 @@ impl Net {
     }
 }
 
+/// The job's versions, oldest first (the wire lists them newest first).
 fn versions(status: &Value) -> Vec<Value> {
-    status["versions"].as_array().cloned().unwrap_or_default()
+    let mut all = status["versions"].as_array().cloned().unwrap_or_default();
+    all.sort_by_key(|v| v["version"].as_u64());
+    all
 }
 
 fn state(status: &Value) -> String {
