@@ -1685,7 +1685,10 @@ impl Coordinator {
                 Some((contributions, metrics, adapter, momentum_id, previous)) => {
                     job.rounds_merged += 1;
                     job.tokens_trained += contributions.iter().map(|c| c.tokens).sum::<u64>();
-                    job.momentum = Some(*momentum_id.as_bytes());
+                    // A merge the gate refused leaves the module where it was, and so its
+                    // momentum: the outer optimizer restarts from zero, or the refused
+                    // direction would carry into every later round (and keep being refused).
+                    job.momentum = adapter.is_some().then_some(*momentum_id.as_bytes());
                     if let Some(adapter) = adapter {
                         let prepared = job.prepared.clone().ok_or_else(|| EngineError::Internal("unprepared".into()))?;
                         let manifest = v1::ModuleManifest {
