@@ -135,6 +135,7 @@ pub fn net(args: BenchNetArgs) -> anyhow::Result<()> {
                     "seconds": t.seconds,
                     "bytes_per_s": t.bytes_per_s,
                     "ratio_to_plain_tcp": t.bytes_per_s / r.plain_tcp_bytes_per_s,
+                    "ratio_to_plain_tcp_memory": t.bytes_per_s / r.plain_tcp_memory_bytes_per_s,
                 })
             })
             .collect();
@@ -151,26 +152,32 @@ pub fn net(args: BenchNetArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("blob of {} MiB on 127.0.0.1", r.blob_bytes >> 20);
-    println!("| path | fetchers | seconds | MiB/s (sum) | vs plain TCP |");
-    println!("|---|---|---|---|---|");
-    let plain_s = r.blob_bytes as f64 / r.plain_tcp_bytes_per_s;
+    // Both yardsticks, so neither flatters: the file copy lands the bytes on disk as a fetch
+    // does; memory to memory is the socket alone (the goal: a fetch at 1/3 of it).
+    let file = r.plain_tcp_bytes_per_s;
+    let memory = r.plain_tcp_memory_bytes_per_s;
+    println!("| path | fetchers | seconds | MiB/s (sum) | vs TCP file copy | vs TCP memory |");
+    println!("|---|---|---|---|---|---|");
+    let plain_s = r.blob_bytes as f64 / file;
     println!(
-        "| plain TCP copy, file to synced file | 1 | {plain_s:.3} | {:.0} | 1.00 |",
-        mib(r.plain_tcp_bytes_per_s)
+        "| plain TCP copy, file to synced file | 1 | {plain_s:.3} | {:.0} | 1.00 | {:.2} |",
+        mib(file),
+        file / memory
     );
     println!(
-        "| plain TCP, memory to memory (no disk) | 1 | {:.3} | {:.0} | {:.2} |",
-        r.blob_bytes as f64 / r.plain_tcp_memory_bytes_per_s,
-        mib(r.plain_tcp_memory_bytes_per_s),
-        r.plain_tcp_memory_bytes_per_s / r.plain_tcp_bytes_per_s
+        "| plain TCP, memory to memory (no disk) | 1 | {:.3} | {:.0} | {:.2} | 1.00 |",
+        r.blob_bytes as f64 / memory,
+        mib(memory),
+        memory / file
     );
     for t in &r.transfers {
         println!(
-            "| swarmtune blob fetch (noise, yamux, verified 1 MiB chunks, blob store) | {} | {:.3} | {:.0} | {:.2} |",
+            "| swarmtune blob fetch (noise, yamux, verified 1 MiB chunks, blob store) | {} | {:.3} | {:.0} | {:.2} | {:.2} |",
             t.fetchers,
             t.seconds,
             mib(t.bytes_per_s),
-            t.bytes_per_s / r.plain_tcp_bytes_per_s
+            t.bytes_per_s / file,
+            t.bytes_per_s / memory
         );
     }
     println!(

@@ -4,7 +4,9 @@
 //!
 //! The fetch follows `proto/swarmtune/v1/blob.proto`: one provider's manifest (checked), then
 //! the missing chunks from every provider in parallel (at most `max_in_flight` requests at
-//! once), each checked against the manifest by the blob store as it is written. A provider
+//! once), each checked against the manifest by the blob store as it is written, and synced
+//! and recorded every `commit_bytes` (so a crash loses at most that much progress, and a
+//! fast network is not held up by a sync per chunk). A provider
 //! that sends a bad chunk is reported (its score drops) and dropped from this fetch; one whose
 //! connection fails is retried a few times before it is dropped, unscored. Progress lives in
 //! the store's partial download, so a fetch cut short resumes where it stopped. At the end the
@@ -45,6 +47,9 @@ pub struct FetchConfig {
     pub max_manifest_restarts: usize,
     /// The largest blob this fetch accepts (a manifest over it is refused).
     pub max_blob_bytes: u64,
+    /// Verified bytes written before they are synced and recorded as done; a crash loses at
+    /// most this much progress. A fetch that stops, done or not, syncs what it wrote.
+    pub commit_bytes: u64,
 }
 
 impl Default for FetchConfig {
@@ -56,6 +61,7 @@ impl Default for FetchConfig {
             provider_queries: 3,
             max_manifest_restarts: 2,
             max_blob_bytes: 16 << 30,
+            commit_bytes: 16 << 20,
         }
     }
 }
@@ -397,6 +403,9 @@ struct ProviderState {
 
 type ChunkResult = (PeerId, u32, Result<v1::BlobResponse, RequestError>);
 
+/// Fetches the chunks `partial` is missing, then waits for the writer to sync what it wrote,
+/// whether the fetch succeeded or not: progress is kept for a resume, and the download is
+/// free for the next attempt when this returns.
 async fn fetch_chunks(
     client: &Client,
     manifest: &ChunkManifest,
@@ -406,8 +415,49 @@ async fn fetch_chunks(
     blamed: &mut HashSet<PeerId>,
     progress: &Option<mpsc::Sender<Progress>>,
 ) -> Result<(), FetchError> {
-    let id = manifest.id;
     let missing = with_partial(partial, |p| Ok(p.missing_chunks()))?;
+    let capacity = config.max_in_flight.max(1);
+    let (to_writer, mut written, writer) =
+        spawn_writer(partial.clone(), capacity, config.commit_bytes);
+    let fetched = request_chunks(
+        client,
+        manifest,
+        missing,
+        config,
+        initial,
+        blamed,
+        progress,
+        to_writer,
+        &mut written,
+    )
+    .await;
+    // The writer's input is closed now: it syncs what it staged and stops.
+    let mut synced = Ok(());
+    while let Some(event) = written.recv().await {
+        if let Written::Failed(e) = event {
+            synced = Err(e);
+        }
+    }
+    writer
+        .await
+        .map_err(|e| FetchError::Task(format!("the chunk writer failed: {e}")))?;
+    // A store failure explains a stopped writer better than the fetch's view of it.
+    synced.and(fetched)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn request_chunks(
+    client: &Client,
+    manifest: &ChunkManifest,
+    missing: Vec<u32>,
+    config: &FetchConfig,
+    initial: &[PeerId],
+    blamed: &mut HashSet<PeerId>,
+    progress: &Option<mpsc::Sender<Progress>>,
+    to_writer: mpsc::Sender<Received>,
+    written: &mut mpsc::Receiver<Written>,
+) -> Result<(), FetchError> {
+    let id = manifest.id;
     let mut queue: VecDeque<u32> = missing.into_iter().collect();
     let mut done_bytes = manifest.size - queue.iter().map(|&i| chunk_len(manifest, i)).sum::<u64>();
     report(progress, id, done_bytes, manifest.size);
@@ -419,11 +469,11 @@ async fn fetch_chunks(
     let mut queries_left = config.provider_queries;
     let mut in_flight = FuturesUnordered::new();
     let mut next = 0usize;
-    // Chunks received and handed to the writer, not yet durable (or refused). They count
-    // against `max_in_flight` too, so a slow disk slows the requests instead of piling up.
+    // Chunks received and handed to the writer, not yet checked and written (or refused).
+    // They count against `max_in_flight` too, so a slow disk slows the requests instead of
+    // piling up.
     let mut writing = 0usize;
     let capacity = config.max_in_flight.max(1);
-    let (to_writer, mut written) = spawn_writer(partial.clone(), capacity);
 
     while !queue.is_empty() || !in_flight.is_empty() || writing > 0 {
         // Hand out chunks round-robin to providers with room, up to the overall bound.
@@ -468,7 +518,7 @@ async fn fetch_chunks(
             event = written.recv(), if writing > 0 => {
                 writing -= 1;
                 match event {
-                    Some(Written::Durable { len }) => {
+                    Some(Written::Staged { len }) => {
                         done_bytes += len;
                         report(progress, id, done_bytes, manifest.size);
                     }
@@ -540,64 +590,80 @@ type Received = (PeerId, u32, Vec<u8>);
 
 /// What the chunk writer did with a chunk.
 enum Written {
-    /// Checked, written and synced: `len` more bytes are durable.
-    Durable { len: u64 },
+    /// Checked and written (synced later, with the next commit): `len` more bytes are done.
+    Staged { len: u64 },
     /// The chunk does not match the manifest; `peer` sent it.
     Bad {
         peer: PeerId,
         index: u32,
         reason: crate::blob_store::BadChunkReason,
     },
-    /// The store failed; the fetch cannot go on.
+    /// The store failed; the fetch cannot go on and the writer has stopped.
     Failed(FetchError),
 }
 
 /// A blocking task that checks and writes received chunks into the partial download while
-/// the fetch goes on asking for more. It stages every chunk already waiting and then syncs
-/// them all at once, so a fast network pays one sync per batch, not one per chunk, and only
-/// synced chunks are reported durable. Both channels hold at most `capacity` entries.
+/// the fetch goes on asking for more, one event per chunk. It syncs and records what it wrote
+/// every `commit_bytes`, and once more when its input closes, so a fast network is not held
+/// up by a sync per chunk and a stopped fetch keeps its progress. The input holds at most
+/// `capacity` chunks; the events, one per chunk plus the failure that stops the writer.
 fn spawn_writer(
     partial: Arc<Mutex<Option<PartialBlob>>>,
     capacity: usize,
-) -> (mpsc::Sender<Received>, mpsc::Receiver<Written>) {
+    commit_bytes: u64,
+) -> (
+    mpsc::Sender<Received>,
+    mpsc::Receiver<Written>,
+    JoinHandle<()>,
+) {
     let (tx, mut rx) = mpsc::channel::<Received>(capacity);
-    let (events, written) = mpsc::channel(capacity);
-    tokio::task::spawn_blocking(move || {
-        while let Some(first) = rx.blocking_recv() {
-            let mut batch = vec![first];
-            while let Ok(more) = rx.try_recv() {
-                batch.push(more);
-            }
-            let mut out = Vec::with_capacity(batch.len());
-            let mut staged = Vec::with_capacity(batch.len());
-            let committed = with_partial(&partial, |p| {
-                for (peer, index, data) in batch {
-                    match p.stage_chunk(index, &data) {
-                        Ok(()) => staged.push(data.len() as u64),
-                        Err(BlobError::BadChunk { reason, .. }) => {
-                            out.push(Written::Bad {
-                                peer,
-                                index,
-                                reason,
-                            });
-                        }
-                        Err(e) => return Err(e),
+    let (events, written) = mpsc::channel(capacity + 1);
+    let commit = move |partial: &Arc<Mutex<Option<PartialBlob>>>| {
+        with_partial(partial, |p| p.commit().map(drop))
+    };
+    let task = tokio::task::spawn_blocking(move || {
+        let mut uncommitted = 0u64;
+        while let Some((peer, index, data)) = rx.blocking_recv() {
+            let staged = with_partial(&partial, |p| match p.stage_chunk(index, &data) {
+                Ok(()) => Ok(None),
+                Err(BlobError::BadChunk { reason, .. }) => Ok(Some(reason)),
+                Err(e) => Err(e),
+            });
+            let event = match staged {
+                Ok(None) => {
+                    uncommitted += data.len() as u64;
+                    Written::Staged {
+                        len: data.len() as u64,
                     }
                 }
-                p.commit().map(drop)
-            });
-            match committed {
-                Ok(()) => out.extend(staged.into_iter().map(|len| Written::Durable { len })),
-                Err(e) => out.push(Written::Failed(e)),
-            }
-            for event in out {
-                if events.blocking_send(event).is_err() {
+                Ok(Some(reason)) => Written::Bad {
+                    peer,
+                    index,
+                    reason,
+                },
+                Err(e) => {
+                    let _ = events.blocking_send(Written::Failed(e));
                     return;
                 }
+            };
+            drop(data);
+            if events.blocking_send(event).is_err() {
+                // The fetch is gone; keep what was written.
+                break;
+            }
+            if uncommitted >= commit_bytes {
+                if let Err(e) = commit(&partial) {
+                    let _ = events.blocking_send(Written::Failed(e));
+                    return;
+                }
+                uncommitted = 0;
             }
         }
+        if let Err(e) = commit(&partial) {
+            let _ = events.blocking_send(Written::Failed(e));
+        }
     });
-    (tx, written)
+    (tx, written, task)
 }
 
 fn fail(providers: &mut HashMap<PeerId, ProviderState>, peer: PeerId, config: &FetchConfig) {
