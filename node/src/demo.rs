@@ -343,7 +343,7 @@ async fn follow(
         for v in status.versions.iter().filter(|v| v.version > seen) {
             versions_seen = v.version;
             if config.show {
-                let m = v.metrics.clone().unwrap_or_default();
+                let m = v.metrics.unwrap_or_default();
                 let exact = if m.exact_match_examples > 0 {
                     format!(", exact match {:.0}%", 100.0 * m.exact_match)
                 } else {

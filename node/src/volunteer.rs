@@ -193,15 +193,12 @@ impl Shared {
 
     fn learn_coordinator(&self, peer: PeerId) {
         let mut known = self.coordinators();
-        if !known.contains_key(&peer) {
+        if let std::collections::btree_map::Entry::Vacant(entry) = known.entry(peer) {
             info!(%peer, "found a coordinator");
-            known.insert(
-                peer,
-                Backoff {
-                    next: Instant::now(),
-                    wait: self.config.min_backoff,
-                },
-            );
+            entry.insert(Backoff {
+                next: Instant::now(),
+                wait: self.config.min_backoff,
+            });
             self.wake.notify_one();
         }
     }

@@ -244,7 +244,7 @@ fn print_job(status: &v1::JobStatus) {
         "version", "round", "eval loss", "perplexity", "exact", "tokens", "peers"
     );
     for v in &status.versions {
-        let m = v.metrics.clone().unwrap_or_default();
+        let m = v.metrics.unwrap_or_default();
         let exact = if m.exact_match_examples > 0 {
             format!("{:.0}%", 100.0 * m.exact_match)
         } else {
