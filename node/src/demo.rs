@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::client;
-use crate::cmd::network::{MAX_BLOB_BYTES, open_engine, show_reports};
+use crate::cmd::network::{MAX_BLOB_BYTES, open_engine, say, show_reports};
 use crate::net;
 use crate::volunteer::{self, VolunteerConfig};
 
@@ -333,10 +333,13 @@ async fn follow(
                 } else {
                     format!("rejected: {}", v.message)
                 };
-                let _ = bars.println(format!(
-                    "coordinator: round {} lease {} from ..{short}: {what}",
-                    v.round, v.lease_id
-                ));
+                say(
+                    bars,
+                    format!(
+                        "coordinator: round {} lease {} from ..{short}: {what}",
+                        v.round, v.lease_id
+                    ),
+                );
             }
         }
         let seen = versions_seen;
@@ -354,10 +357,13 @@ async fn follow(
                 } else {
                     format!("round {}", v.round)
                 };
-                let _ = bars.println(format!(
-                    "coordinator: version {} from {from}: eval loss {:.4}{exact}",
-                    v.version, m.eval_loss
-                ));
+                say(
+                    bars,
+                    format!(
+                        "coordinator: version {} from {from}: eval loss {:.4}{exact}",
+                        v.version, m.eval_loss
+                    ),
+                );
             }
         }
         let state = status.summary.as_ref().map(|s| s.state());

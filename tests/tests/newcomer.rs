@@ -49,6 +49,12 @@ async fn a_short_demo_ends_with_a_module_better_than_the_base() {
     ] {
         assert!(report.module_dir.join(file).is_file(), "{file} missing");
     }
+    // The loss plot the demo leaves with --keep.
+    let svg = std::fs::read_to_string(dir.path().join("loss.svg")).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.contains("eval loss"),
+        "{svg:.200}"
+    );
     // The side-by-side ran on held-out prompts, and the module answers no worse than the base.
     assert!(!report.answers.is_empty());
     assert!(report.module_exact_match >= report.base_exact_match);

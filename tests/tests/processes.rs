@@ -291,6 +291,7 @@ fn separate_processes_survive_churn_and_a_coordinator_crash() {
             &addr,
             "--data-dir",
             &net.path("user"),
+            "--merged",
         ],
         &net.log,
         COMMAND,
@@ -299,6 +300,11 @@ fn separate_processes_survive_churn_and_a_coordinator_crash() {
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("manifest.json")).unwrap())
             .unwrap();
     assert_eq!(manifest["version"], all.last().unwrap()["version"]);
+    // --merged: base + adapter as a checkpoint the trainer (and transformers) loads.
+    let merged = out_dir.join("merged");
+    assert!(merged.join("config.json").is_file() && merged.join("tokenizer.json").is_file());
+    let device = swarmtune_trainer::device::DeviceKind::Cpu.device().unwrap();
+    CausalLm::load(&merged, &device).unwrap();
     let expected = manifest["metrics"]["eval_loss"].as_f64().unwrap();
     assert_eq!(expected, last);
     let reproduced = eval_loss(&out_dir, &net.dir.path().join("shout.jsonl"));

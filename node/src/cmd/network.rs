@@ -172,6 +172,16 @@ pub async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Prints a line above the progress bars, or plainly when they are not drawn (not a
+/// terminal).
+pub fn say(bars: &MultiProgress, line: String) {
+    if bars.is_hidden() {
+        println!("{line}");
+    } else {
+        let _ = bars.println(line);
+    }
+}
+
 /// Draws a volunteer's reports: a bar per lease, a line per verdict.
 pub async fn show_reports(mut reports: mpsc::Receiver<Report>, bars: MultiProgress, name: String) {
     let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps  {msg}")
@@ -219,27 +229,33 @@ pub async fn show_reports(mut reports: mpsc::Receiver<Report>, bars: MultiProgre
                 if let Some(b) = bar.take() {
                     b.finish_and_clear();
                 }
-                let _ = bars.println(format!(
-                    "{}: trained in {seconds:.0} s, loss {loss_before:.3} -> {loss_after:.3}; delivered",
-                    prefix(lease_id)
-                ));
+                say(
+                    &bars,
+                    format!(
+                        "{}: trained in {seconds:.0} s, loss {loss_before:.3} -> {loss_after:.3}; delivered",
+                        prefix(lease_id)
+                    ),
+                );
             }
             Report::Challenged { lease_id, segments } => {
-                let _ = bars.println(format!(
-                    "{}: challenged, {segments} segment(s) to prove",
-                    prefix(lease_id)
-                ));
+                say(
+                    &bars,
+                    format!(
+                        "{}: challenged, {segments} segment(s) to prove",
+                        prefix(lease_id)
+                    ),
+                );
             }
             Report::Verdict {
                 lease_id, message, ..
             } => {
-                let _ = bars.println(format!("{}: {message}", prefix(lease_id)));
+                say(&bars, format!("{}: {message}", prefix(lease_id)));
             }
             Report::Dropped { lease_id, reason } => {
                 if let Some(b) = bar.take() {
                     b.finish_and_clear();
                 }
-                let _ = bars.println(format!("{}: dropped: {reason}", prefix(lease_id)));
+                say(&bars, format!("{}: dropped: {reason}", prefix(lease_id)));
             }
         }
     }
