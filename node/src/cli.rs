@@ -173,8 +173,8 @@ pub struct IdArgs {
 /// `swarmtune demo`
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Keep the data dirs, logs, a loss plot and the pulled module (DIR/module) here
-    /// [default: a temporary directory, removed at the end].
+    /// Keep the data dirs, the log (DIR/demo.log), a loss plot (DIR/loss.svg) and the
+    /// pulled module (DIR/module) here [default: a temporary directory, removed at the end].
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
     /// Volunteers to start.

@@ -61,19 +61,47 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> u8 {
             return if e.use_stderr() { EXIT_INPUT } else { 0 };
         }
     };
-    let default_level = if matches!(cli.command, cli::Command::Demo(_)) {
-        // The demo draws progress bars; its log goes to a file with --keep.
-        "warn"
-    } else {
-        "info"
+    let filter = |level: &str| {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level))
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // A second call (tests running several commands in one process) keeps the first.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    match &cli.command {
+        // The demo draws progress bars: its log goes to DIR/demo.log with --keep, and only
+        // warnings reach the terminal otherwise.
+        cli::Command::Demo(cli::DemoArgs {
+            keep: Some(dir), ..
+        }) => match std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::File::create(dir.join("demo.log")))
+        {
+            Ok(file) => {
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter(filter("info"))
+                    .with_ansi(false)
+                    .with_writer(std::sync::Mutex::new(file))
+                    .try_init();
+            }
+            Err(e) => {
+                eprintln!(
+                    "error: cannot write {}: {e}",
+                    dir.join("demo.log").display()
+                );
+                return 1;
+            }
+        },
+        cli::Command::Demo(_) => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter("warn"))
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+        _ => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter("info"))
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+    }
     match cmd::run(cli) {
         Ok(()) => 0,
         Err(e) => {

@@ -62,8 +62,8 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     crate::demo::print_report(&report);
     if args.keep.is_some() {
         println!(
-            "kept in {}: data dirs, the loss plot (loss.svg) and the module (module/, a PEFT \
-             adapter dir)",
+            "kept in {}: data dirs, the log (demo.log), the loss plot (loss.svg) and the module \
+             (module/, a PEFT adapter dir)",
             dir.display()
         );
     }
