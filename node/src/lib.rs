@@ -8,7 +8,8 @@
 //! - [`config`], [`net`], [`models`]: settings, swarms, base models.
 //!
 //! Exit codes scripts can rely on: 0 success; 1 failure; 2 a bad command line, job file or
-//! config; 3 the coordinator could not be reached.
+//! config; 3 the coordinator could not be reached. Logs follow `RUST_LOG` (default: `info` for
+//! `node` and `coordinator`, `warn` for the one-shot commands).
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -95,9 +96,14 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> u8 {
                 .with_writer(std::io::stderr)
                 .try_init();
         }
-        _ => {
+        command => {
+            // Long-running peers log what they do; one-shot commands print their answer.
+            let level = match command {
+                cli::Command::Node(_) | cli::Command::Coordinator(_) => "info",
+                _ => "warn",
+            };
             let _ = tracing_subscriber::fmt()
-                .with_env_filter(filter("info"))
+                .with_env_filter(filter(level))
                 .with_writer(std::io::stderr)
                 .try_init();
         }
