@@ -754,8 +754,19 @@ impl Coordinator {
         now: u64,
     ) -> Result<v1::delta_response::Body, v1::ErrorReply> {
         let verified =
-            signed::verify::<v1::DeltaEnvelope>(envelope, Some(peer), MAX_ENVELOPE_BYTES)
-                .map_err(|e| error_reply(e.code(), e.to_string()))?;
+            match signed::verify::<v1::DeltaEnvelope>(envelope, Some(peer), MAX_ENVELOPE_BYTES) {
+                Ok(verified) => verified,
+                Err(e) => {
+                    if e.code() == v1::ErrorCode::BadSignature {
+                        // The transport authenticated the sender: an envelope it did not sign
+                        // with its own key is a forgery (or a broken node) and counts against
+                        // it like a malformed delta.
+                        self.penalize_forgery(peer, &e.to_string(), now)
+                            .map_err(|e| reply(e))?;
+                    }
+                    return Err(error_reply(e.code(), e.to_string()));
+                }
+            };
         let env = verified.message;
         let bytes = envelope.encode_to_vec();
         let result = self.store.write(|w| {
@@ -860,6 +871,50 @@ impl Coordinator {
             Ok(answer) => answer,
             Err(e) => Err(reply(e)),
         }
+    }
+
+    /// Counts an envelope `peer` sent with a signature that is not its own against it, as a
+    /// penalized rejection; a ban that follows drops its open deltas as any ban does.
+    fn penalize_forgery(&self, peer: &PeerId, why: &str, now: u64) -> Result<(), EngineError> {
+        let key = peer.to_bytes();
+        self.store.write(|w| {
+            let mut reputation: Reputation = w.get(REPUTATIONS, &key)?.unwrap_or_default();
+            let was_banned = reputation.banned;
+            let banned = reputation.apply(Verdict::Rejected {
+                reason: v1::RejectReason::MalformedDelta,
+                equal_provenance: false,
+            });
+            w.put(REPUTATIONS, &key, &reputation)?;
+            if !banned || was_banned {
+                return Ok::<(), EngineError>(());
+            }
+            warn!(peer = %peer, "volunteer banned for forged envelopes; its open deltas are dropped");
+            let deltas: Vec<(Vec<u8>, DeltaRecord)> = w.scan(DELTAS, &[])?;
+            let mut jobs: Vec<[u8; 32]> = deltas
+                .iter()
+                .filter(|(_, d)| d.peer == key && d.status != DeltaStatus::Rejected)
+                .map(|(_, d)| d.job)
+                .collect();
+            jobs.sort_unstable();
+            jobs.dedup();
+            for id in jobs {
+                let Some(mut job) = w.get::<JobRecord>(JOBS, &id)? else {
+                    continue;
+                };
+                let cause = v1::VerificationVerdict {
+                    job_id: id.to_vec(),
+                    round: job.round,
+                    peer_id: key.clone(),
+                    message: truncate(format!("dropped: the volunteer was banned for forged envelopes ({why})"), 1024),
+                    decided_at_unix_ms: now,
+                    ..Default::default()
+                };
+                drop_open_deltas(w, &mut job, &key, &cause, reputation.score)?;
+                w.put(JOBS, &id, &job)?;
+            }
+            Ok(())
+        })?;
+        Ok(())
     }
 
     /// Deltas waiting for their blob and cheap checks: (lease id, volunteer, delta blob).
@@ -1418,41 +1473,7 @@ impl Coordinator {
         w.put(DELTAS, &u64_key(record.lease_id), &record)?;
         if banned && !was_banned {
             warn!(peer = %hex(&record.peer), reason = ?reason, "volunteer banned; its open deltas are dropped");
-            let all: Vec<(Vec<u8>, DeltaRecord)> = w.scan(DELTAS, &[])?;
-            for (key, mut other) in all {
-                if other.peer == record.peer
-                    && other.job == job.id
-                    && other.round == job.round
-                    && other.status != DeltaStatus::Rejected
-                {
-                    // Dropped with a verdict of its own, so that a late answer to its challenge
-                    // or a second delivery of its envelope gets that verdict.
-                    let dropped = v1::VerificationVerdict {
-                        lease_id: other.lease_id,
-                        delta: decode_envelope(&other.envelope).ok().and_then(|e| e.delta),
-                        outcome: v1::VerdictOutcome::Rejected as i32,
-                        reason: v1::RejectReason::PeerBanned as i32,
-                        message: format!(
-                            "dropped: the volunteer was banned for its delta of lease {}",
-                            record.lease_id
-                        ),
-                        banned: true,
-                        reputation_after: reputation.score,
-                        ..verdict.clone()
-                    };
-                    other.status = DeltaStatus::Rejected;
-                    other.verdict = Some(dropped.encode_to_vec());
-                    w.put(DELTAS, &key, &other)?;
-                    // Its work goes back to the pool, or the round could never fill again.
-                    if let Some(lease) = w.get::<LeaseRecord>(LEASES, &u64_key(other.lease_id))?
-                        && let Some(unit) = job.units.get_mut(lease.unit as usize)
-                        && unit.lease == Some(other.lease_id)
-                    {
-                        unit.lease = None;
-                        unit.delivered = false;
-                    }
-                }
-            }
+            drop_open_deltas(w, job, &record.peer, &verdict, reputation.score)?;
         }
         Ok(verdict)
     }
@@ -1846,6 +1867,57 @@ pub(crate) fn decode_verdict(bytes: &[u8]) -> Result<v1::VerificationVerdict, En
 
 fn content_id(c: &v1::ContentId) -> Result<ContentId, EngineError> {
     ContentId::try_from(c).map_err(|e| EngineError::Internal(e.to_string()))
+}
+
+/// Drops the deltas `peer` has in `job`'s open round that are not rejected yet, because
+/// `cause` banned it: each gets a verdict of its own (so a late answer to its challenge or a
+/// second delivery of its envelope gets that verdict), and its unit goes back to the pool, or
+/// the round could never fill again.
+fn drop_open_deltas(
+    w: &crate::store::Write<'_>,
+    job: &mut JobRecord,
+    peer: &[u8],
+    cause: &v1::VerificationVerdict,
+    score: f64,
+) -> Result<(), EngineError> {
+    let all: Vec<(Vec<u8>, DeltaRecord)> = w.scan(DELTAS, &[])?;
+    for (key, mut other) in all {
+        if other.peer != peer
+            || other.job != job.id
+            || other.round != job.round
+            || other.status == DeltaStatus::Rejected
+        {
+            continue;
+        }
+        let dropped = v1::VerificationVerdict {
+            lease_id: other.lease_id,
+            delta: decode_envelope(&other.envelope).ok().and_then(|e| e.delta),
+            outcome: v1::VerdictOutcome::Rejected as i32,
+            reason: v1::RejectReason::PeerBanned as i32,
+            message: if cause.lease_id == 0 {
+                cause.message.clone()
+            } else {
+                format!(
+                    "dropped: the volunteer was banned for its delta of lease {}",
+                    cause.lease_id
+                )
+            },
+            banned: true,
+            reputation_after: score,
+            ..cause.clone()
+        };
+        other.status = DeltaStatus::Rejected;
+        other.verdict = Some(dropped.encode_to_vec());
+        w.put(DELTAS, &key, &other)?;
+        if let Some(lease) = w.get::<LeaseRecord>(LEASES, &u64_key(other.lease_id))?
+            && let Some(unit) = job.units.get_mut(lease.unit as usize)
+            && unit.lease == Some(other.lease_id)
+        {
+            unit.lease = None;
+            unit.delivered = false;
+        }
+    }
+    Ok(())
 }
 
 /// The trainer's LoRA settings from the wire's.

@@ -3,6 +3,7 @@
 //! wire and blobs are the protocol's; this crate holds the rules and the state, all of it in
 //! one redb file so that a `kill -9` at any point loses nothing accepted.
 
+pub mod adversary;
 pub mod codec;
 pub mod engine;
 pub mod leases;

@@ -31,6 +31,7 @@ use common::{
 use libp2p_identity::PeerId;
 use prost::Message;
 use rand::{Rng, SeedableRng};
+use swarmtune_coordinator::adversary;
 use swarmtune_coordinator::records::{DeltaRecord, DeltaStatus, JobState};
 use swarmtune_coordinator::registry;
 use swarmtune_coordinator::spec::JobFile;
@@ -38,9 +39,8 @@ use swarmtune_coordinator::store::{DELTAS, REPUTATIONS};
 use swarmtune_coordinator::verify::{Reputation, delta_envelope};
 use swarmtune_protocol::signed::sign;
 use swarmtune_protocol::v1::{self, RejectReason};
-use swarmtune_trainer::optim::Moments;
 use swarmtune_trainer::tensors::{self, NamedTensors};
-use swarmtune_trainer::train::{Commitment, LoraState, Provenance, TrainOutcome, TrainStats};
+use swarmtune_trainer::train::{LoraState, TrainOutcome, TrainStats};
 
 /// Steps per lease, and the commitment interval: two segments, both replayed on probation.
 const INNER_STEPS: u32 = 4;
@@ -278,53 +278,16 @@ fn attack_once(
 
 /// Gaussian noise shaped like `layout`, scaled to norm `norm`.
 fn gaussian_like(layout: &NamedTensors, norm: f64, seed: u64) -> NamedTensors {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut out = layout.clone();
-    for t in out.values_mut() {
-        for x in t.data.iter_mut() {
-            // Box–Muller.
-            let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random());
-            *x = ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32;
-        }
-    }
-    let factor = (norm / tensors::norm(&out)) as f32;
-    scaled(&out, factor)
+    adversary::gaussian_like(layout, norm, &mut rand::rngs::StdRng::seed_from_u64(seed))
 }
 
 /// A lease's outcome made up without training: states moving in a straight line from `start`
-/// to `start − delta` with zero moments, one at every commitment step, hashed into a chain
-/// that is consistent with them; statistics copied from an honest lease.
+/// to `start − delta`, one at every commitment step; statistics copied from an honest lease.
 fn made_up_outcome(start: &LoraState, delta: &NamedTensors, stats: &TrainStats) -> TrainOutcome {
     let steps: Vec<u64> = (0..=u64::from(INNER_STEPS))
         .step_by(COMMIT_EVERY as usize)
         .collect();
-    let snapshots: Vec<LoraState> = steps
-        .iter()
-        .map(|&step| {
-            let share = step as f32 / INNER_STEPS as f32;
-            let params = swarmtune_trainer::train::subtract(&start.params, &scaled(delta, share));
-            let mut moments = Moments::zeros_like(&params);
-            moments.step = step;
-            LoraState { params, moments }
-        })
-        .collect();
-    TrainOutcome {
-        delta: delta.clone(),
-        end_state: snapshots.last().unwrap().clone(),
-        commitments: snapshots
-            .iter()
-            .map(|s| Commitment {
-                step: s.step(),
-                state_hash: *s.hash().as_bytes(),
-            })
-            .collect(),
-        snapshots,
-        stats: TrainStats {
-            seconds: 0.0,
-            ..*stats
-        },
-        provenance: Provenance::here("flex", common::threads()),
-    }
+    adversary::sim::made_up_outcome(start, delta, &steps, stats)
 }
 
 fn reputation(c: &swarmtune_coordinator::engine::Coordinator, peer: &PeerId) -> Reputation {

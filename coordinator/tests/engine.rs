@@ -334,10 +334,18 @@ fn a_delta_refused_at_delivery_gives_its_unit_back_and_a_forged_one_does_not() {
         last_loss: 2.0,
     };
 
-    // Signed by someone else: refused before any verdict, the lease untouched.
+    // Signed by someone else: refused before any verdict, the lease untouched, but the sender
+    // (whom the transport authenticated) is held to account for a forgery.
     let forged = sign(&other, &envelope, 2_500).unwrap();
-    assert!(coordinator.submit_delta(&peer, &forged, 2_500).is_err());
+    let refused = coordinator.submit_delta(&peer, &forged, 2_500).unwrap_err();
+    assert_eq!(refused.code(), v1::ErrorCode::BadSignature, "{refused:?}");
     assert_eq!(lease_state(lease.lease_id), LeaseState::Active);
+    let standing: swarmtune_coordinator::verify::Reputation = coordinator
+        .store()
+        .read(|r| r.get(swarmtune_coordinator::store::REPUTATIONS, &peer.to_bytes()))
+        .unwrap()
+        .unwrap();
+    assert_eq!((standing.penalized, standing.banned), (1, false), "{standing:?}");
     coordinator.renew_lease(&peer, &renew, 2_600).unwrap();
 
     // Signed by the holder: judged at once, and the lease is used up.

@@ -202,6 +202,36 @@ pub enum BenchCommand {
     /// A round's merge: verify and aggregate N int8 deltas of a 4.9M-parameter module, timed
     /// against reading the same bytes from memory, with peak memory.
     Merge(BenchMergeArgs),
+    /// Byzantine volunteers: a job run by honest and malicious volunteers (noise, sign flip,
+    /// scaling, freeloading, replays, copies, wrong base, garbage, forged signatures, a slow
+    /// drip) at several malicious shares, against the all-honest run.
+    Adversary(BenchAdversaryArgs),
+}
+
+/// `swarmtune bench adversary`
+#[derive(Args, Debug)]
+pub struct BenchAdversaryArgs {
+    /// Volunteers in every scenario.
+    #[arg(long, default_value_t = 34)]
+    pub volunteers: usize,
+    /// Shares of malicious volunteers, in percent (the all-honest run always comes first).
+    #[arg(long, value_delimiter = ',', default_value = "10,20,30")]
+    pub percents: Vec<u32>,
+    /// Rounds of the job.
+    #[arg(long, default_value_t = 6)]
+    pub rounds: u32,
+    /// Units of work per round (the job's quorum) [default: one per volunteer].
+    #[arg(long)]
+    pub quorum: Option<u32>,
+    /// The job's bound on a delta's norm.
+    #[arg(long, default_value_t = 20.0)]
+    pub max_delta_norm: f64,
+    /// Attackers attack from their first lease instead of after their probation.
+    #[arg(long)]
+    pub impatient: bool,
+    /// Where the scenarios keep their state [default: a temporary directory].
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
 }
 
 /// `swarmtune bench merge`

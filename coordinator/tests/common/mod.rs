@@ -1,49 +1,36 @@
 //! What the engine tests share: a coordinator running the example job (`examples/job.toml`)
 //! on the built-in base and the shout skill, and volunteers in this process that train real
 //! leases with the trainer, deliver signed int8 deltas and answer segment challenges from the
-//! states they kept, exactly as a node would over the network.
+//! states they kept, exactly as a node would over the network. The harness is the library's
+//! ([`swarmtune_coordinator::adversary::sim`], which the adversary scenarios use too); these
+//! are its test-shaped forms, which panic where the library returns an error.
 
 // Each test binary uses its own part of the harness.
 #![allow(dead_code)]
 
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use libp2p_identity::{Keypair, PeerId};
-use swarmtune_coordinator::engine::{Config, Coordinator, Next};
+use swarmtune_coordinator::adversary::sim::{self, SimVolunteer};
+use swarmtune_coordinator::engine::{Coordinator, Next};
 use swarmtune_coordinator::leases::LeaseAnswer;
 use swarmtune_coordinator::spec::{JobFile, parse_job_file};
-use swarmtune_protocol::signed::sign;
 use swarmtune_protocol::{ContentId, v1};
-use swarmtune_trainer::checkpoint::safetensors_from_bytes;
-use swarmtune_trainer::data::{Shard, ShardLimits};
-use swarmtune_trainer::delta::{DeltaEncoding, encode};
-use swarmtune_trainer::device::DeviceKind;
-use swarmtune_trainer::lora::{Adapter, LoraConfig};
-use swarmtune_trainer::model::CausalLm;
+use swarmtune_trainer::lora::LoraConfig;
 use swarmtune_trainer::tensors::NamedTensors;
-use swarmtune_trainer::train::{LeaseData, LocalTrainer, LoraState, Provenance, TrainOutcome};
+use swarmtune_trainer::train::{LoraState, TrainOutcome};
 
-/// Threads of the math pool; part of the provenance, so volunteers and coordinator agree.
-pub fn threads() -> usize {
-    rayon::current_num_threads()
-}
+pub use sim::{ask, fixed_key, scaled, threads};
 
 /// The CPU device every test computes on.
 pub fn device() -> burn::tensor::Device {
-    DeviceKind::Cpu.device().unwrap()
+    sim::device().unwrap()
 }
 
 /// A coordinator signing as `key` with its state in `dir/coordinator`.
 pub fn open_coordinator(dir: &Path, key: Keypair) -> Coordinator {
-    Coordinator::open(
-        Config::new(dir.join("coordinator")),
-        key,
-        device(),
-        "flex",
-        threads(),
-    )
-    .unwrap()
+    sim::open_coordinator(dir, key).unwrap()
 }
 
 /// `examples/job.toml` with shorter leases than the demo's, so the tests stay quick.
@@ -55,27 +42,9 @@ pub fn job_file() -> JobFile {
     file
 }
 
-/// A key made from one repeated byte: the same identity on every run.
-pub fn fixed_key(byte: u8) -> Keypair {
-    Keypair::ed25519_from_bytes([byte; 32]).unwrap()
-}
-
 /// The shout skill's train split as a JSON-lines dataset blob in the coordinator's store.
 pub fn shout_dataset(coordinator: &Coordinator) -> ContentId {
-    let (train, _) = swarmtune_trainer::builtin::skill::splits(7, 400, 10);
-    let jsonl: String = train
-        .iter()
-        .map(|e| match e {
-            swarmtune_trainer::data::Example::PromptCompletion { prompt, completion } => {
-                format!(
-                    "{}\n",
-                    serde_json::json!({"prompt": prompt, "completion": completion})
-                )
-            }
-            _ => unreachable!(),
-        })
-        .collect();
-    coordinator.blobs().put_bytes(jsonl.as_bytes()).unwrap()
+    sim::shout_dataset(coordinator).unwrap()
 }
 
 /// `owner` signs `file` (on the shout dataset) at `now` and submits it; returns the job id
@@ -86,12 +55,7 @@ pub fn submit_job(
     file: &JobFile,
     now: u64,
 ) -> ([u8; 32], v1::Signed) {
-    let dataset = shout_dataset(coordinator);
-    let spec = file.to_spec(&coordinator.peer_id(), dataset).unwrap();
-    let signed_spec = sign(owner, &spec, now).unwrap();
-    let submitted = coordinator.submit(&signed_spec, now).unwrap();
-    let job_id: [u8; 32] = submitted.job_id.clone().try_into().unwrap();
-    (job_id, signed_spec)
+    sim::submit_job(coordinator, owner, file, now).unwrap()
 }
 
 /// A coordinator in `dir` running `file` on the shout skill's train split, prepared at time
@@ -113,14 +77,11 @@ pub fn running_job_as(
     key: Keypair,
     owner: &Keypair,
 ) -> (Coordinator, [u8; 32], v1::Signed) {
-    let coordinator = open_coordinator(dir, key);
-    let (job_id, signed_spec) = submit_job(&coordinator, owner, file, 1_000);
+    let (coordinator, job_id, signed_spec) = sim::running_job(dir, file, key, owner).unwrap();
     assert_eq!(
         coordinator.job(&job_id).unwrap().state.to_proto(),
-        v1::JobState::Preparing
+        v1::JobState::Running
     );
-    assert!(coordinator.needed_blobs(&job_id).unwrap().is_empty());
-    coordinator.prepare(&job_id, 1_000).unwrap();
     (coordinator, job_id, signed_spec)
 }
 
@@ -131,26 +92,7 @@ pub fn running_job(dir: &Path) -> (Coordinator, [u8; 32], v1::Signed) {
 
 /// The built-in base written to `dir/volunteer-base`, where volunteers load it from.
 pub fn volunteer_base(dir: &Path) -> PathBuf {
-    let base_dir = dir.join("volunteer-base");
-    std::fs::create_dir_all(&base_dir).unwrap();
-    swarmtune_trainer::builtin::base::write_to(&base_dir).unwrap();
-    base_dir
-}
-
-/// Asks for work with a job-agnostic request, as a node does.
-pub fn ask(
-    coordinator: &Coordinator,
-    peer: &PeerId,
-    now: u64,
-) -> Result<LeaseAnswer, v1::ErrorReply> {
-    let request = v1::RequestLease {
-        job_id: Vec::new(),
-        capabilities: Some(v1::PeerCapabilities {
-            tokens_per_second: 2_000.0,
-            ..Default::default()
-        }),
-    };
-    coordinator.request_lease(peer, &request, now)
+    sim::volunteer_base(dir).unwrap()
 }
 
 /// The lease of a granted answer.
@@ -161,45 +103,24 @@ pub fn granted(answer: LeaseAnswer) -> v1::Lease {
     }
 }
 
-/// `t` times `factor`.
-pub fn scaled(t: &NamedTensors, factor: f32) -> NamedTensors {
-    let mut out = t.clone();
-    for v in out.values_mut() {
-        v.data.iter_mut().for_each(|x| *x *= factor);
-    }
-    out
-}
-
 /// A blob the coordinator's store holds, by its wire id.
 pub fn blob(coordinator: &Coordinator, id: &Option<v1::ContentId>) -> Vec<u8> {
-    let id = ContentId::try_from(id.as_ref().unwrap()).unwrap();
-    coordinator.blobs().read(&id).unwrap()
+    sim::blob(coordinator, id).unwrap()
 }
 
 /// The tensors of a safetensors blob in the coordinator's store.
 pub fn tensors(coordinator: &Coordinator, id: &Option<v1::ContentId>) -> NamedTensors {
-    safetensors_from_bytes(&blob(coordinator, id), Path::new("blob"))
-        .unwrap()
-        .0
+    sim::tensors(coordinator, id).unwrap()
 }
 
 /// A lease's LoRA config, as the trainer takes it.
 pub fn lease_lora(lease: &v1::Lease) -> LoraConfig {
-    let l = lease.lora.clone().unwrap();
-    LoraConfig {
-        rank: l.rank as usize,
-        alpha: l.alpha,
-        dropout: l.dropout,
-        target_modules: l.target_modules,
-    }
+    sim::lease_lora(lease)
 }
 
 /// The state a lease starts from: its start adapter with zero moments.
 pub fn lease_start_state(coordinator: &Coordinator, lease: &v1::Lease) -> LoraState {
-    LoraState::start(&Adapter {
-        config: lease_lora(lease),
-        tensors: tensors(coordinator, &lease.start_adapter),
-    })
+    sim::lease_start_state(coordinator, lease).unwrap()
 }
 
 /// Delivers `envelope` for `lease_id` and takes it to a verdict: the receipt, the cheap
@@ -210,18 +131,16 @@ pub fn judge(
     envelope: &v1::Signed,
     lease_id: u64,
     now: u64,
-    answer: impl FnMut(&v1::SegmentChallenge) -> v1::SegmentStates,
+    mut answer: impl FnMut(&v1::SegmentChallenge) -> v1::SegmentStates,
 ) -> v1::VerificationVerdict {
-    match coordinator.submit_delta(peer, envelope, now).unwrap() {
-        v1::delta_response::Body::Verdict(verdict) => verdict,
-        v1::delta_response::Body::DeltaReceipt(_) => {
-            let next = coordinator.verify(lease_id, true, now).unwrap();
-            match follow(coordinator, lease_id, next, now, answer) {
-                Some(verdict) => verdict,
-                None => panic!("lease {lease_id} waits for its redundant twin"),
-            }
-        }
-        other => panic!("{other:?}"),
+    match sim::judge(coordinator, peer, envelope, lease_id, now, |ch| {
+        Ok(answer(ch))
+    })
+    .unwrap()
+    {
+        Ok(Some(verdict)) => verdict,
+        Ok(None) => panic!("lease {lease_id} waits for its redundant twin"),
+        Err(reply) => panic!("{reply:?}"),
     }
 }
 
@@ -230,90 +149,43 @@ pub fn judge(
 pub fn follow(
     coordinator: &Coordinator,
     lease_id: u64,
-    mut next: Next,
+    next: Next,
     now: u64,
     mut answer: impl FnMut(&v1::SegmentChallenge) -> v1::SegmentStates,
 ) -> Option<v1::VerificationVerdict> {
-    loop {
-        next = match next {
-            Next::Verdict(verdict) => return Some(*verdict),
-            Next::AwaitingTwin => return None,
-            Next::Challenge(challenge) => coordinator
-                .answer_challenge(lease_id, &answer(&challenge), now)
-                .unwrap(),
-        };
-    }
+    sim::follow(coordinator, lease_id, next, now, |ch| Ok(answer(ch))).unwrap()
 }
 
 /// A volunteer in this process: its key and the built-in base, ready to train.
-pub struct Volunteer {
-    /// Its identity; signs its envelopes.
-    pub key: Keypair,
-    /// The base, on the autodiff device.
-    pub model: CausalLm,
+pub struct Volunteer(SimVolunteer);
+
+impl Deref for Volunteer {
+    type Target = SimVolunteer;
+
+    fn deref(&self) -> &SimVolunteer {
+        &self.0
+    }
 }
 
 impl Volunteer {
     /// A volunteer signing as `key`, with the base in `base_dir` ([`volunteer_base`]).
     pub fn new(key: Keypair, base_dir: &Path) -> Self {
-        Self {
-            key,
-            model: CausalLm::load(base_dir, &device()).unwrap().to_autodiff(),
-        }
+        Self(SimVolunteer::new(key, base_dir).unwrap())
     }
 
-    /// Its PeerId.
-    pub fn peer(&self) -> PeerId {
-        self.key.public().to_peer_id()
-    }
-
-    /// Trains `lease` on blobs read from the coordinator's store (what a real volunteer
-    /// fetches over the network).
+    /// Trains `lease` on blobs read from the coordinator's store.
     pub fn train(&self, coordinator: &Coordinator, lease: &v1::Lease) -> TrainOutcome {
-        let start = tensors(coordinator, &lease.start_adapter);
-        self.train_from(coordinator, lease, start)
+        self.0.train(coordinator, lease).unwrap()
     }
 
-    /// Trains `lease`'s shards, seed and settings, but from `start` instead of the lease's
-    /// start adapter.
+    /// Trains `lease` from `start` instead of the lease's start adapter.
     pub fn train_from(
         &self,
         coordinator: &Coordinator,
         lease: &v1::Lease,
         start: NamedTensors,
     ) -> TrainOutcome {
-        let shards: Vec<Shard> = lease
-            .shards
-            .iter()
-            .map(|c| {
-                let bytes = coordinator
-                    .blobs()
-                    .read(&ContentId::try_from(c).unwrap())
-                    .unwrap();
-                Shard::decode(&bytes, &ShardLimits::default()).unwrap()
-            })
-            .collect();
-        let lora = lease_lora(lease);
-        let trainer = LocalTrainer::new(
-            &self.model,
-            lora.clone(),
-            Provenance::here("flex", threads()),
-        )
-        .unwrap();
-        let data = LeaseData::new(&shards, self.model.config().vocab_size()).unwrap();
-        let spec = swarmtune_coordinator::verify::train_spec(lease).unwrap();
-        trainer
-            .train(
-                &Adapter {
-                    config: lora,
-                    tensors: start,
-                },
-                &data,
-                &spec,
-                &mut |_| {},
-                &AtomicBool::new(false),
-            )
-            .unwrap()
+        self.0.train_from(coordinator, lease, start).unwrap()
     }
 
     /// The signed envelope for `outcome`, its delta blob put where the coordinator reads it.
@@ -324,11 +196,10 @@ impl Volunteer {
         outcome: &TrainOutcome,
         now: u64,
     ) -> v1::Signed {
-        self.deliver_delta(coordinator, lease, outcome, &outcome.delta, now)
+        self.0.deliver(coordinator, lease, outcome, now).unwrap()
     }
 
-    /// The signed envelope for `outcome` with `delta` as its delta blob instead of the
-    /// outcome's own.
+    /// The signed envelope for `outcome` with `delta` as its delta blob.
     pub fn deliver_delta(
         &self,
         coordinator: &Coordinator,
@@ -337,8 +208,9 @@ impl Volunteer {
         delta: &NamedTensors,
         now: u64,
     ) -> v1::Signed {
-        let bytes = encode(delta, DeltaEncoding::Int8RowWise).unwrap();
-        self.deliver_bytes(coordinator, lease, outcome, &bytes, now)
+        self.0
+            .deliver_delta(coordinator, lease, outcome, delta, now)
+            .unwrap()
     }
 
     /// The signed envelope for `outcome` with `bytes` as its delta blob.
@@ -350,14 +222,9 @@ impl Volunteer {
         bytes: &[u8],
         now: u64,
     ) -> v1::Signed {
-        let delta = coordinator.blobs().put_bytes(bytes).unwrap();
-        let envelope = swarmtune_coordinator::verify::delta_envelope(
-            lease,
-            outcome,
-            delta,
-            bytes.len() as u64,
-        );
-        sign(&self.key, &envelope, now).unwrap()
+        self.0
+            .deliver_bytes(coordinator, lease, outcome, bytes, now)
+            .unwrap()
     }
 
     /// Answers a challenge from the states kept while training.
@@ -371,32 +238,11 @@ impl Volunteer {
     }
 }
 
-/// A challenge's answer from `states` (one per commitment step): each segment's start and
-/// end state as blobs in the coordinator's store, and the end state's hash as the claim.
+/// A challenge's answer from `states` (one per commitment step).
 pub fn answer_from(
     coordinator: &Coordinator,
     states: &[LoraState],
     challenge: &v1::SegmentChallenge,
 ) -> v1::SegmentStates {
-    let state_at = |step: u64| states.iter().find(|s| s.step() == step).unwrap();
-    let put = |state: &LoraState| {
-        coordinator
-            .blobs()
-            .put_bytes(&state.to_bytes().unwrap())
-            .unwrap()
-            .to_proto()
-    };
-    v1::SegmentStates {
-        lease_id: challenge.lease_id,
-        states: challenge
-            .segments
-            .iter()
-            .map(|s| v1::SegmentState {
-                segment: Some(*s),
-                start_state: Some(put(state_at(s.start_step))),
-                claimed_end_hash: state_at(s.end_step).hash().as_bytes().to_vec(),
-                end_state: Some(put(state_at(s.end_step))),
-            })
-            .collect(),
-    }
+    sim::answer_from(coordinator, states, challenge).unwrap()
 }

@@ -5,7 +5,7 @@ use swarmtune_trainer::builtin::skill::{self, SkillRun};
 use swarmtune_trainer::device::ThreadPool;
 use swarmtune_trainer::train::TrainSpec;
 
-use crate::cli::{BenchMergeArgs, BenchNetArgs, BenchSkillArgs, BenchTrainArgs};
+use crate::cli::{BenchAdversaryArgs, BenchMergeArgs, BenchNetArgs, BenchSkillArgs, BenchTrainArgs};
 
 /// `swarmtune bench skill`.
 pub fn skill(args: BenchSkillArgs) -> anyhow::Result<()> {
@@ -239,5 +239,38 @@ pub fn merge(args: BenchMergeArgs) -> anyhow::Result<()> {
             mib(row.peak_rss_bytes)
         );
     }
+    Ok(())
+}
+
+/// `swarmtune bench adversary`.
+pub fn adversary(args: BenchAdversaryArgs) -> anyhow::Result<()> {
+    use swarmtune_coordinator::adversary::{self, Sweep};
+    let sweep = Sweep {
+        volunteers: args.volunteers,
+        percents: args.percents,
+        rounds: args.rounds,
+        quorum: args.quorum.unwrap_or(args.volunteers as u32),
+        max_delta_norm: args.max_delta_norm,
+        patient: !args.impatient,
+    };
+    let temp;
+    let dir = match args.dir {
+        Some(dir) => dir,
+        None => {
+            temp = tempfile::tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let rows = adversary::run_sweep(&sweep, &dir, &mut |line| eprintln!("{line}"))?;
+    println!(
+        "{} volunteers, {} rounds of {} units, delta norm bound {}, {} attackers",
+        sweep.volunteers,
+        sweep.rounds,
+        sweep.quorum,
+        sweep.max_delta_norm,
+        if sweep.patient { "patient" } else { "impatient" }
+    );
+    println!("{}", adversary::summary_table(&rows));
+    println!("{}", adversary::attacker_table(&rows));
     Ok(())
 }

@@ -1,0 +1,76 @@
+//! Byzantine volunteers (issue 8, point 1), through the scenario runner that
+//! `swarmtune bench adversary` runs at full size: a job trained by honest volunteers alone,
+//! and the same job with 30% of the volunteers malicious, every kind of attack present. The
+//! promise: the module comes out as good (eval loss within 1% of the all-honest run), every
+//! attacker is banned, and no honest volunteer is.
+
+use swarmtune_coordinator::adversary::{self, Behaviour, Report, Scenario, default_job};
+
+/// Volunteers, rounds, units per round and the delta norm bound: the bench's defaults cut to
+/// what a test can afford (see the README for the full-size run).
+const VOLUNTEERS: usize = 34;
+const ROUNDS: u32 = 5;
+const MAX_DELTA_NORM: f64 = 20.0;
+
+fn run(scenario: &Scenario, dir: &std::path::Path) -> Report {
+    adversary::run(scenario, dir, &mut |line| eprintln!("{line}")).unwrap()
+}
+
+#[test]
+fn with_30_percent_malicious_volunteers_the_module_matches_the_honest_one_and_every_attacker_is_banned()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let job = default_job(ROUNDS, VOLUNTEERS as u32, MAX_DELTA_NORM).unwrap();
+    let honest = run(
+        &Scenario::mixed(job.clone(), VOLUNTEERS, 0, 0),
+        &dir.path().join("honest"),
+    );
+    let attackers = (VOLUNTEERS * 3).div_ceil(10);
+    let scenario = Scenario::mixed(job, VOLUNTEERS, attackers, 0);
+    // Every kind of attack is in the scenario.
+    for attack in Behaviour::ATTACKS {
+        assert!(scenario.volunteers.contains(&attack), "{attack:?} missing");
+    }
+    let attacked = run(&scenario, &dir.path().join("attacked"));
+    let rows = [
+        adversary::SweepRow {
+            percent: 0,
+            loss_vs_honest: 0.0,
+            report: honest.clone(),
+        },
+        adversary::SweepRow {
+            percent: 30,
+            loss_vs_honest: attacked.final_eval_loss() / honest.final_eval_loss() - 1.0,
+            report: attacked.clone(),
+        },
+    ];
+    eprintln!("{}", adversary::summary_table(&rows));
+    eprintln!("{}", adversary::attacker_table(&rows));
+
+    // The honest run trains: its last version is better than the base.
+    assert!(
+        honest.final_eval_loss() < honest.eval_losses[0],
+        "{:?}",
+        honest.eval_losses
+    );
+    assert_eq!(honest.honest_rejected, 0, "{honest:?}");
+    assert_eq!(attacked.rounds, u64::from(ROUNDS));
+    for a in &attacked.attackers {
+        assert!(a.attacks > 0, "{:?} never attacked: {a:?}", a.behaviour);
+        assert!(
+            a.banned_in_round.is_some(),
+            "{:?} is not banned: {a:?}",
+            a.behaviour
+        );
+    }
+    assert_eq!(attacked.honest_banned, 0, "{attacked:?}");
+    assert_eq!(attacked.honest_rejected, 0, "{attacked:?}");
+    let worse = rows[1].loss_vs_honest;
+    assert!(
+        worse <= 0.01,
+        "eval loss {:.4} is {:.2}% worse than the honest run's {:.4}",
+        attacked.final_eval_loss(),
+        100.0 * worse,
+        honest.final_eval_loss()
+    );
+}
