@@ -345,7 +345,11 @@ fn a_delta_refused_at_delivery_gives_its_unit_back_and_a_forged_one_does_not() {
         .read(|r| r.get(swarmtune_coordinator::store::REPUTATIONS, &peer.to_bytes()))
         .unwrap()
         .unwrap();
-    assert_eq!((standing.penalized, standing.banned), (1, false), "{standing:?}");
+    assert_eq!(
+        (standing.penalized, standing.banned),
+        (1, false),
+        "{standing:?}"
+    );
     coordinator.renew_lease(&peer, &renew, 2_600).unwrap();
 
     // Signed by the holder: judged at once, and the lease is used up.

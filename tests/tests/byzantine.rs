@@ -1,15 +1,14 @@
 //! Byzantine volunteers (issue 8, point 1), through the scenario runner that
-//! `swarmtune bench adversary` runs at full size: a job trained by honest volunteers alone,
-//! and the same job with 30% of the volunteers malicious, every kind of attack present. The
-//! promise: the module comes out as good (eval loss within 1% of the all-honest run), every
-//! attacker is banned, and no honest volunteer is.
+//! `swarmtune bench adversary` runs at full size (34 volunteers, every kind of attack at 30%;
+//! the README has its figures): here a job trained by 10 honest volunteers, and the same job
+//! with 3 of the 10 malicious, of kinds `coordinator/tests/adversary.rs` does not cover. The promise: the module comes out as good (eval loss within 1% of the all-honest
+//! run), every attacker is banned, and no honest volunteer is.
 
 use swarmtune_coordinator::adversary::{self, Behaviour, Report, Scenario, default_job};
 
-/// Volunteers, rounds, units per round and the delta norm bound: the bench's defaults cut to
-/// what a test can afford (see the README for the full-size run).
-const VOLUNTEERS: usize = 34;
-const ROUNDS: u32 = 5;
+/// Volunteers (and units per round), rounds and the delta norm bound.
+const VOLUNTEERS: usize = 10;
+const ROUNDS: u32 = 4;
 const MAX_DELTA_NORM: f64 = 20.0;
 
 fn run(scenario: &Scenario, dir: &std::path::Path) -> Report {
@@ -20,15 +19,24 @@ fn run(scenario: &Scenario, dir: &std::path::Path) -> Report {
 fn with_30_percent_malicious_volunteers_the_module_matches_the_honest_one_and_every_attacker_is_banned()
  {
     let dir = tempfile::tempdir().unwrap();
-    let job = default_job(ROUNDS, VOLUNTEERS as u32, MAX_DELTA_NORM).unwrap();
+    let mut job = default_job(ROUNDS, VOLUNTEERS as u32, MAX_DELTA_NORM).unwrap();
+    // Leases of 4 steps of 4 sequences (the bench's are 10 of 8): two segments still, at a
+    // fifth of the compute.
+    job.inner.inner_steps = 4;
+    job.inner.commit_every = 2;
+    job.inner.batch_size = 4;
+    job.inner.micro_batch = Some(4);
     let honest = run(
         &Scenario::mixed(job.clone(), VOLUNTEERS, 0, 0),
         &dir.path().join("honest"),
     );
-    let attackers = (VOLUNTEERS * 3).div_ceil(10);
-    let scenario = Scenario::mixed(job, VOLUNTEERS, attackers, 0);
-    // Every kind of attack is in the scenario.
-    for attack in Behaviour::ATTACKS {
+    let attacks = [
+        Behaviour::Replay,
+        Behaviour::ForgedSignature,
+        Behaviour::SlowDrip,
+    ];
+    let scenario = Scenario::with_attacks(job, VOLUNTEERS, &attacks);
+    for attack in attacks {
         assert!(scenario.volunteers.contains(&attack), "{attack:?} missing");
     }
     let attacked = run(&scenario, &dir.path().join("attacked"));

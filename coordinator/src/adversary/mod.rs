@@ -34,6 +34,8 @@ use crate::leases::LeaseAnswer;
 use crate::records::JobState;
 use crate::registry;
 use crate::spec::{JobFile, parse_job_file};
+use crate::store::REPUTATIONS;
+use crate::verify::Reputation;
 use sim::{
     Result, SimError, SimVolunteer, added, answer_from, ask, fail, fixed_key, judge,
     lease_start_state, made_up_outcome, outcome_of, scaled,
@@ -120,9 +122,11 @@ pub struct Scenario {
 
 /// The job the scenarios run by default: `examples/job.toml` with short leases (10 steps of
 /// 8 sequences, a commitment every 5), `rounds` rounds of `quorum` units, a delta norm bound
-/// (`max_delta_norm`), a round timeout no scenario reaches, and every delta challenged (one
-/// of its two segments replayed, the last one's states always checked): what detection costs
-/// at lower challenge rates is the economics' question not this one's.
+/// (`max_delta_norm`), a round timeout no scenario reaches, and every delta challenged with
+/// both of its segments replayed. The engine draws the segments it replays at random (from
+/// the OS, so that no volunteer can predict them); replaying all of them makes each
+/// scenario's verdicts the same on every run. What detection costs at lower rates is the
+/// verification economics' question, not this one's.
 pub fn default_job(rounds: u32, quorum: u32, max_delta_norm: f64) -> Result<JobFile> {
     let mut file = parse_job_file(include_str!("../../../examples/job.toml"))
         .or_else(|e| fail("examples/job.toml", e))?;
@@ -135,6 +139,7 @@ pub fn default_job(rounds: u32, quorum: u32, max_delta_norm: f64) -> Result<JobF
     file.rounds.timeout_secs = 24 * 3600;
     file.verification.max_delta_norm = max_delta_norm;
     file.verification.challenge_probability = 1.0;
+    file.verification.segments_per_challenge = 2;
     Ok(file)
 }
 
@@ -143,16 +148,24 @@ impl Scenario {
     /// from [`Behaviour::ATTACKS`] starting at `first_attack`, spread evenly among the honest
     /// ones.
     pub fn mixed(job: JobFile, volunteers: usize, attackers: usize, first_attack: usize) -> Self {
-        let attackers = attackers.min(volunteers);
+        let attacks: Vec<Behaviour> = (0..attackers.min(volunteers))
+            .map(|i| Behaviour::ATTACKS[(first_attack + i) % Behaviour::ATTACKS.len()])
+            .collect();
+        Self::with_attacks(job, volunteers, &attacks)
+    }
+
+    /// `volunteers` volunteers, one attacker per entry of `attacks` (at most `volunteers`),
+    /// spread evenly among the honest ones and never first, so that an honest delta exists to
+    /// copy when the first attacker asks for work.
+    pub fn with_attacks(job: JobFile, volunteers: usize, attacks: &[Behaviour]) -> Self {
         let mut behaviours = vec![Behaviour::Honest; volunteers];
-        for i in 0..attackers {
-            // Positions 1, 1 + step, ...: never first, so an honest delta exists to copy.
-            let at = (1 + i * volunteers / attackers.max(1)).min(volunteers - 1);
-            let mut at = at;
+        let n = attacks.len().min(volunteers.saturating_sub(1));
+        for (i, attack) in attacks.iter().take(n).enumerate() {
+            let mut at = (1 + i * volunteers / n).min(volunteers - 1);
             while behaviours[at] != Behaviour::Honest {
-                at = (at + 1) % volunteers;
+                at = at % (volunteers - 1) + 1;
             }
-            behaviours[at] = Behaviour::ATTACKS[(first_attack + i) % Behaviour::ATTACKS.len()];
+            behaviours[at] = *attack;
         }
         Self {
             job,
@@ -392,6 +405,11 @@ pub fn run(scenario: &Scenario, dir: &Path, log: &mut dyn FnMut(&str)) -> Result
                         let _ = coordinator.release_lease(&member.sim.peer(), &release);
                     }
                 }
+                // The coordinator's record is the truth (a refusal before any verdict may have
+                // banned the volunteer without saying so).
+                if !member.banned && banned(&coordinator, &member.sim.peer())? {
+                    member.banned = true;
+                }
                 if member.banned && member.report.banned_in_round.is_none() {
                     member.report.banned_in_round = Some(round);
                 }
@@ -510,8 +528,13 @@ fn act(
             } else {
                 -1.0
             };
-            let signed = v.deliver_delta(c, lease, &outcome, &scaled(&outcome.delta, factor), now)?;
-            Ok((deliver(&signed, &outcome.snapshots)?, Rc::new(outcome), None))
+            let signed =
+                v.deliver_delta(c, lease, &outcome, &scaled(&outcome.delta, factor), now)?;
+            Ok((
+                deliver(&signed, &outcome.snapshots)?,
+                Rc::new(outcome),
+                None,
+            ))
         }
         Behaviour::Noise | Behaviour::Freeloader => {
             let start = lease_start_state(c, lease)?;
@@ -533,7 +556,16 @@ fn act(
             };
             let Some((old, outcome)) = source else {
                 // Nothing to replay or copy yet: work honestly this time.
-                return act(c, member, Behaviour::Honest, attempt, lease, knowledge, job, now);
+                return act(
+                    c,
+                    member,
+                    Behaviour::Honest,
+                    attempt,
+                    lease,
+                    knowledge,
+                    job,
+                    now,
+                );
             };
             let envelope = v1::DeltaEnvelope {
                 round: lease.round,
@@ -542,7 +574,11 @@ fn act(
                 ..old.clone()
             };
             let signed = v.sign(&envelope, now)?;
-            Ok((deliver(&signed, &outcome.snapshots)?, Rc::clone(outcome), None))
+            Ok((
+                deliver(&signed, &outcome.snapshots)?,
+                Rc::clone(outcome),
+                None,
+            ))
         }
         Behaviour::WrongBase => {
             let outcome = v.train(c, lease)?;
@@ -556,7 +592,11 @@ fn act(
                 envelope.start_version = lease.start_version + 1;
             }
             let signed = v.sign(&envelope, now)?;
-            Ok((deliver(&signed, &outcome.snapshots)?, Rc::new(outcome), None))
+            Ok((
+                deliver(&signed, &outcome.snapshots)?,
+                Rc::new(outcome),
+                None,
+            ))
         }
         Behaviour::Garbage => {
             let start = lease_start_state(c, lease)?;
@@ -596,9 +636,8 @@ fn act(
         Behaviour::SlowDrip => {
             let outcome = v.train(c, lease)?;
             // The same direction every time: seeded by the attacker's identity.
-            let mut own_rng = rand::rngs::StdRng::from_seed(
-                *blake3::hash(&peer.to_bytes()).as_bytes(),
-            );
+            let mut own_rng =
+                rand::rngs::StdRng::from_seed(*blake3::hash(&peer.to_bytes()).as_bytes());
             let honest = tensors::norm(&outcome.delta);
             let bound = job.verification.max_delta_norm;
             let drip_norm = if bound > 0.0 {
@@ -619,6 +658,15 @@ fn act(
             Ok((deliver(&signed, &forged.snapshots)?, Rc::new(forged), None))
         }
     }
+}
+
+/// Whether the coordinator has banned `peer`.
+fn banned(c: &Coordinator, peer: &PeerId) -> Result<bool> {
+    let standing: Option<Reputation> = c
+        .store()
+        .read(|r| r.get(REPUTATIONS, &peer.to_bytes()))
+        .or_else(|e| fail("a reputation", e))?;
+    Ok(standing.is_some_and(|s| s.banned))
 }
 
 /// The steps a lease of `job` commits at: 0, every `commit_every`, and the last.
@@ -744,9 +792,9 @@ pub fn run_sweep(sweep: &Sweep, dir: &Path, log: &mut dyn FnMut(&str)) -> Result
         ));
         let here = dir.join(format!("malicious-{percent}"));
         let report = run(&scenario, &here, log)?;
-        let honest = rows.first().map_or(report.final_eval_loss(), |r| {
-            r.report.final_eval_loss()
-        });
+        let honest = rows
+            .first()
+            .map_or(report.final_eval_loss(), |r| r.report.final_eval_loss());
         rows.push(SweepRow {
             percent,
             loss_vs_honest: report.final_eval_loss() / honest - 1.0,
@@ -763,7 +811,11 @@ pub fn summary_table(rows: &[SweepRow]) -> String {
     );
     for row in rows {
         let r = &row.report;
-        let banned = r.attackers.iter().filter(|a| a.banned_in_round.is_some()).count();
+        let banned = r
+            .attackers
+            .iter()
+            .filter(|a| a.banned_in_round.is_some())
+            .count();
         let slowest = r
             .attackers
             .iter()
@@ -807,7 +859,8 @@ pub fn attacker_table(rows: &[SweepRow]) -> String {
                 a.attacks,
                 a.attacks_accepted,
                 a.rounds_attacking,
-                a.banned_in_round.map_or("never".to_string(), |r| r.to_string()),
+                a.banned_in_round
+                    .map_or("never".to_string(), |r| r.to_string()),
                 a.reasons.join(", ")
             ));
         }

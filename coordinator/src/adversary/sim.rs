@@ -136,7 +136,10 @@ pub fn running_job(
         .needed_blobs(&job_id)
         .context("the job's blobs")?;
     if !needed.is_empty() {
-        return fail("preparing the job", format!("{} blobs missing", needed.len()));
+        return fail(
+            "preparing the job",
+            format!("{} blobs missing", needed.len()),
+        );
     }
     coordinator
         .prepare(&job_id, 1_000)

@@ -6,7 +6,7 @@
 //! are its test-shaped forms, which panic where the library returns an error.
 
 // Each test binary uses its own part of the harness.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};

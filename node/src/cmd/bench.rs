@@ -5,7 +5,9 @@ use swarmtune_trainer::builtin::skill::{self, SkillRun};
 use swarmtune_trainer::device::ThreadPool;
 use swarmtune_trainer::train::TrainSpec;
 
-use crate::cli::{BenchAdversaryArgs, BenchMergeArgs, BenchNetArgs, BenchSkillArgs, BenchTrainArgs};
+use crate::cli::{
+    BenchAdversaryArgs, BenchMergeArgs, BenchNetArgs, BenchSkillArgs, BenchTrainArgs,
+};
 
 /// `swarmtune bench skill`.
 pub fn skill(args: BenchSkillArgs) -> anyhow::Result<()> {
@@ -268,7 +270,11 @@ pub fn adversary(args: BenchAdversaryArgs) -> anyhow::Result<()> {
         sweep.rounds,
         sweep.quorum,
         sweep.max_delta_norm,
-        if sweep.patient { "patient" } else { "impatient" }
+        if sweep.patient {
+            "patient"
+        } else {
+            "impatient"
+        }
     );
     println!("{}", adversary::summary_table(&rows));
     println!("{}", adversary::attacker_table(&rows));
