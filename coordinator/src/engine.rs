@@ -762,7 +762,7 @@ impl Coordinator {
                         // with its own key is a forgery (or a broken node) and counts against
                         // it like a malformed delta.
                         self.penalize_forgery(peer, &e.to_string(), now)
-                            .map_err(|e| reply(e))?;
+                            .map_err(reply)?;
                     }
                     return Err(error_reply(e.code(), e.to_string()));
                 }

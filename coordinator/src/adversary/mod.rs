@@ -585,7 +585,7 @@ fn act(
             let bytes = encode(&outcome.delta, DeltaEncoding::Int8RowWise)
                 .or_else(|e| fail("encoding a delta", e))?;
             let mut envelope = v.envelope(c, lease, &outcome, &bytes)?;
-            if attempt % 2 == 0 {
+            if attempt.is_multiple_of(2) {
                 let other: [u8; 32] = rng.random();
                 envelope.base = Some(ContentId::from(blake3::hash(&other)).to_proto());
             } else {
@@ -620,7 +620,7 @@ fn act(
             let bytes = encode(&fake.delta, DeltaEncoding::Int8RowWise)
                 .or_else(|e| fail("encoding a delta", e))?;
             let envelope = v.envelope(c, lease, &fake, &bytes)?;
-            let signed = if attempt % 2 == 0 {
+            let signed = if attempt.is_multiple_of(2) {
                 let stranger = Keypair::generate_ed25519();
                 swarmtune_protocol::signed::sign(&stranger, &envelope, now)
                     .or_else(|e| fail("signing", e))?
