@@ -258,6 +258,15 @@ enum Delivered {
 /// per round.
 pub fn run(scenario: &Scenario, dir: &Path, log: &mut dyn FnMut(&str)) -> Result<Report> {
     let clock = Instant::now();
+    if dir.join("coordinator").exists() {
+        return fail(
+            "the scenario",
+            format!(
+                "{} holds an earlier run's coordinator; give each run an empty directory",
+                dir.display()
+            ),
+        );
+    }
     let (coordinator, job_id, _) =
         sim::running_job(dir, &scenario.job, fixed_key(1), &fixed_key(2))?;
     let base_dir = sim::volunteer_base(dir)?;
