@@ -183,6 +183,18 @@ pub fn sign<T: SignedPayload>(
     message: &T,
     timestamp_unix_ms: u64,
 ) -> Result<v1::Signed, SignedError> {
+    sign_with_nonce(keypair, message, timestamp_unix_ms, rand::rng().random())
+}
+
+/// [`sign`] with the nonce given: for reproducible runs (a job's id, and with it every seed of
+/// the job, is the hash of its signed envelope). A peer must never reuse a nonce within the
+/// freshness window: the replay guard refuses the second envelope.
+pub fn sign_with_nonce<T: SignedPayload>(
+    keypair: &Keypair,
+    message: &T,
+    timestamp_unix_ms: u64,
+    nonce: u64,
+) -> Result<v1::Signed, SignedError> {
     if keypair.key_type() != KeyType::Ed25519 {
         return Err(SignedError::BadKey(format!(
             "{:?}; only Ed25519 keys sign swarmtune envelopes",
@@ -190,7 +202,6 @@ pub fn sign<T: SignedPayload>(
         )));
     }
     let payload = message.encode_to_vec();
-    let nonce: u64 = rand::rng().random();
     let input = signing_input(
         PROTOCOL_VERSION,
         T::TYPE_TAG,

@@ -98,7 +98,8 @@ pub fn shout_dataset(coordinator: &Coordinator) -> Result<ContentId> {
 }
 
 /// `owner` signs `file` (on the shout dataset) at `now` and submits it; returns the job id
-/// and the signed spec. The job is left preparing.
+/// and the signed spec. The job is left preparing. The same owner, file and time give the
+/// same job id.
 pub fn submit_job(
     coordinator: &Coordinator,
     owner: &Keypair,
@@ -109,7 +110,10 @@ pub fn submit_job(
     let spec = file
         .to_spec(&coordinator.peer_id(), dataset)
         .context("the job file")?;
-    let signed_spec = sign(owner, &spec, now).context("signing the job")?;
+    // A fixed nonce: with fixed keys, the job id (the hash of the signed spec), and so every
+    // seed of the job, is the same on every run, so that scenarios compare like with like.
+    let signed_spec = swarmtune_protocol::signed::sign_with_nonce(owner, &spec, now, 1)
+        .context("signing the job")?;
     let submitted = coordinator
         .submit(&signed_spec, now)
         .map_err(|e| SimError(format!("submitting the job: {}", e.message)))?;
