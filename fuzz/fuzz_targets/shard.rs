@@ -1,0 +1,10 @@
+//! Fuzz target `shard`: trainer::data::Shard::decode (ShardLimits::default()).
+//! The body is `swarmtune_fuzz::shard` (fuzz/src/lib.rs); a panic, abort, timeout or oversized
+//! allocation is the bug hunted, an `Err` is the decoder doing its job.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = swarmtune_fuzz::shard(data);
+});
