@@ -277,10 +277,16 @@ pub fn load_tokenizer_with_hash(
 ) -> Result<(Tokenizer, [u8; 32]), DataError> {
     let path = path.as_ref();
     let bytes = read_file(path)?;
-    let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
+    let refused = |reason: String| DataError::Tokenizer {
         file: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    // tokenizers 0.22 panics on some malformed files instead of returning an error (a syntax
+    // error inside "decoder": `.expect("Helper")` in decoders/mod.rs, found by fuzzing); the
+    // file may come from a peer, so such a panic is its refusal, not our crash.
+    let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(&bytes))
+        .map_err(|_| refused("the tokenizer library could not parse it (it panicked)".into()))?;
+    let tokenizer = parsed.map_err(|e| refused(e.to_string()))?;
     Ok((tokenizer, *blake3::hash(&bytes).as_bytes()))
 }
 
@@ -764,6 +770,17 @@ mod tests {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/llama/model/tokenizer.json"
     );
+
+    /// Found by fuzzing: tokenizers 0.22 panics on a syntax error inside "decoder"; the
+    /// loader turns that into a refusal.
+    #[test]
+    fn a_tokenizer_file_that_makes_the_library_panic_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, b"{\"decoder\": {\"type\": \"Fuse\x01\"}}").unwrap();
+        let err = load_tokenizer_with_hash(&path).unwrap_err();
+        assert!(matches!(err, DataError::Tokenizer { .. }), "{err}");
+    }
 
     fn tokenizer() -> (Tokenizer, [u8; 32]) {
         load_tokenizer_with_hash(TOKENIZER).expect("fixture tokenizer loads")

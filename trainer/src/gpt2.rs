@@ -53,7 +53,8 @@ impl Gpt2 {
             let b = Weight::load(ck, &names(&format!("{name}.bias")), &[e], false, device)?;
             Ok((w, b))
         };
-        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        // Grown as the tensors are found: the layer count comes from a file a peer may send.
+        let mut blocks = Vec::new();
         for i in 0..cfg.n_layer {
             let ln_1 = norm(ck, &format!("h.{i}.ln_1"))?;
             let ln_2 = norm(ck, &format!("h.{i}.ln_2"))?;

@@ -165,7 +165,8 @@ impl Llama {
             false,
             device,
         )?;
-        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        // Grown as the tensors are found: the layer count comes from a file a peer may send.
+        let mut blocks = Vec::new();
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let mut linear = |name: &str, inp: usize, out: usize, bias: bool| {
