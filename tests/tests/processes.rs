@@ -264,10 +264,13 @@ fn separate_processes_survive_churn_and_a_coordinator_crash() {
     assert_eq!(done["summary"]["rounds_merged"].as_u64(), Some(4));
     let all = versions(&done);
     assert_eq!(all[..versions(&before).len()], versions(&before)[..]);
-    // No shard left untrained: every round merged a full quorum, the killed volunteer's lease
-    // went back to the pool and was trained by someone else.
+    // No shard left untrained: every round merged a full quorum of leases (3 × 24 steps × 8
+    // sequences × 64 tokens), the killed volunteer's lease went back to the pool and was
+    // trained by someone else. Which peers trained them is up to timing: on a loaded machine
+    // the first volunteer to connect may train all three leases of a round one after another.
     for v in all.iter().skip(1) {
-        assert_eq!(v["contributors"].as_u64(), Some(3), "{v}");
+        assert_eq!(v["tokens"].as_u64(), Some(3 * 24 * 8 * 64), "{v}");
+        assert!(v["contributors"].as_u64().is_some_and(|c| (1..=3).contains(&c)), "{v}");
     }
     let first = all[0]["metrics"]["eval_loss"].as_f64().unwrap();
     let last = all.last().unwrap()["metrics"]["eval_loss"]
