@@ -694,10 +694,13 @@ impl ChallengePlan {
 /// The segments to challenge a delta with, or none. Peers on probation (fewer accepted deltas
 /// than `probation_leases`) or with reputation below [`TRUSTED_SCORE`] are always challenged,
 /// others with `challenge_probability`. A challenge replays `segments_per_challenge` (at
-/// least 1, at most 64) distinct segments between consecutive commitments, drawn uniformly;
-/// fewer when the chain has fewer. It also always asks for the chain's last segment, whose
-/// end state is the one the delta must be `start −` of: replayed when it was drawn, only
-/// checked against its commitments otherwise, so the replay cost stays what the policy says.
+/// least 1, at most 64) distinct segments between consecutive commitments, fewer when the
+/// chain has fewer, drawn by [`stratified_draw`]: one at random from each of that many equal
+/// stretches of the chain, so a cheater who invents a whole stretch of its lease (the second
+/// half, say) is caught for sure, where a uniform draw of the same cost would miss it often.
+/// It also always asks for the chain's last segment, whose end state is the one the delta
+/// must be `start −` of: replayed when it was drawn, only checked against its commitments
+/// otherwise, so the replay cost stays what the policy says.
 pub fn plan_challenge(
     commitments: &[v1::Commitment],
     policy: &v1::VerificationPolicy,
@@ -714,8 +717,19 @@ pub fn plan_challenge(
     }
     let wanted = (policy.segments_per_challenge as usize).clamp(1, MAX_SEGMENTS_PER_CHALLENGE);
     let available = commitments.len().saturating_sub(1);
-    let drawn = rand::seq::index::sample(rng, available, wanted.min(available)).into_vec();
-    plan_of(commitments, drawn)
+    plan_of(commitments, stratified_draw(available, wanted, rng))
+}
+
+/// `wanted` distinct indices out of `0..available` (all of them when `wanted ≥ available`):
+/// the range cut into `wanted` stretches as equal as can be, one index drawn uniformly from
+/// each. Every index is about as likely as under a uniform draw of `wanted` (exactly
+/// `wanted / available` when `wanted` divides `available`), but a run of indices that covers
+/// a whole stretch is always hit.
+pub fn stratified_draw(available: usize, wanted: usize, rng: &mut impl Rng) -> Vec<usize> {
+    let n = wanted.min(available);
+    (0..n)
+        .map(|j| rng.random_range(j * available / n..(j + 1) * available / n))
+        .collect()
 }
 
 /// The challenge that replays segments `drawn` (indices of their start commitments) and asks
@@ -826,7 +840,7 @@ pub fn plan_tie_break(
         _ => {
             let wanted =
                 (policy.segments_per_challenge as usize).clamp(1, MAX_SEGMENTS_PER_CHALLENGE);
-            rand::seq::index::sample(rng, available, wanted.min(available)).into_vec()
+            stratified_draw(available, wanted, rng)
         }
     };
     plan_of(commitments, drawn)
@@ -2985,6 +2999,30 @@ mod tests {
         for h in hits {
             assert!((f64::from(h) - 2000.0).abs() < 5.0 * sd, "{hits:?}");
         }
+
+        // Stratified: two of twenty segments are one from each half, every one of them drawn
+        // about equally often; so a cheater who invents either half of its lease is caught.
+        let twenty = commitments(21);
+        let two = v1::VerificationPolicy {
+            segments_per_challenge: 2,
+            ..policy
+        };
+        let mut hits = [0u32; 20];
+        for _ in 0..4000 {
+            let replayed = plan_challenge(&twenty, &two, &newcomer, &mut rng).replayed_segments();
+            let at: Vec<usize> = replayed
+                .iter()
+                .map(|s| (s.start_step / 5) as usize)
+                .collect();
+            assert!(at.len() == 2 && at[0] < 10 && at[1] >= 10, "{at:?}");
+            at.iter().for_each(|&i| hits[i] += 1);
+        }
+        let sd = (4000.0f64 * 0.1 * 0.9).sqrt();
+        for h in hits {
+            assert!((f64::from(h) - 400.0).abs() < 5.0 * sd, "{hits:?}");
+        }
+        assert_eq!(stratified_draw(3, 5, &mut rng), [0, 1, 2]);
+        assert!(stratified_draw(0, 5, &mut rng).is_empty());
 
         // More segments asked than the chain has: all of them, each once.
         let many = v1::VerificationPolicy {

@@ -527,3 +527,74 @@ fn a_sign_flipped_delta_from_the_fresh_adapter_is_rejected() {
         "{verdict:?}"
     );
 }
+
+/// Verification economics (issue 8, point 2) on the real engine: an established volunteer
+/// that trains the first half of a lease honestly and invents the rest (states that go on in
+/// the same direction, a delta twice its half's) is caught, and banned at once as a cheater,
+/// when every delta is challenged with two of four segments: the stratified draw always
+/// replays one from the second half (`verify::stratified_draw`; a uniform draw of two would
+/// miss the fake one time in six, so three such cheaters would all be caught only 58% of
+/// the time). This is the assumption `adversary::economics` builds on: a replayed segment
+/// that ends in an invented state is always caught.
+#[test]
+fn a_volunteer_that_invents_the_second_half_of_its_lease_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut file = job_file();
+    file.inner.inner_steps = 8;
+    file.inner.commit_every = 2;
+    file.verification.segments_per_challenge = 2;
+    file.verification.challenge_probability = 1.0;
+    file.verification.probation_leases = 1;
+    let (coordinator, _, _) = running_job_as(dir.path(), &file, fixed_key(1), &fixed_key(2));
+    let mut world = World {
+        coordinator,
+        now: 1_000,
+    };
+    let base_dir = volunteer_base(dir.path());
+    for n in 0..3 {
+        let cheater = Volunteer::new(fixed_key(30 + n), &base_dir);
+        // Out of probation with one honest lease.
+        world.honest_lease(&cheater);
+        let peer = cheater.peer();
+        assert!(!reputation(&world.coordinator, &peer).always_challenged(
+            &v1::VerificationPolicy {
+                probation_leases: 1,
+                ..Default::default()
+            }
+        ));
+        let now = world.tick();
+        let c = &world.coordinator;
+        let lease = granted(ask(c, &peer, now).unwrap());
+        let honest = cheater.train(c, &lease);
+        let start = &honest.snapshots[0].params;
+        let half = &honest.snapshots[2];
+        assert_eq!(half.step(), 4);
+        // Steps 6 and 8 invented on the line from the start through step 4.
+        let walked = swarmtune_trainer::train::subtract(start, &half.params);
+        assert!(tensors::norm(&walked) > 0.0);
+        let mut states: Vec<LoraState> = honest.snapshots[..3].to_vec();
+        for step in [6u64, 8] {
+            let mut state = half.clone();
+            let ahead = scaled(&walked, (step - 4) as f32 / 4.0);
+            state.params = swarmtune_trainer::train::subtract(&half.params, &ahead);
+            state.moments.step = step;
+            states.push(state);
+        }
+        let delta = swarmtune_trainer::train::subtract(start, &states[4].params);
+        let fake = adversary::sim::outcome_of(delta, states, &honest.stats);
+        let signed = cheater.deliver(c, &lease, &fake, now);
+        let verdict = judge(c, &peer, &signed, lease.lease_id, now, |ch| {
+            answer_from(c, &fake.snapshots, ch)
+        });
+        assert_eq!(
+            (verdict.outcome(), verdict.reason(), verdict.banned),
+            (
+                v1::VerdictOutcome::Rejected,
+                RejectReason::ChallengeEndMismatch,
+                true
+            ),
+            "cheater {n}: {verdict:?}"
+        );
+        assert!(reputation(&world.coordinator, &peer).banned);
+    }
+}

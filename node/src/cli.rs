@@ -206,6 +206,17 @@ pub enum BenchCommand {
     /// scaling, freeloading, replays, copies, wrong base, garbage, forged signatures, a slow
     /// drip) at several malicious shares, against the all-honest run.
     Adversary(BenchAdversaryArgs),
+    /// Verification economics: how likely a cheater that fakes some of its leases (or part of
+    /// each) is to be caught under several verification policies, and what the checks cost.
+    Verification(BenchVerificationArgs),
+}
+
+/// `swarmtune bench verification`
+#[derive(Args, Debug)]
+pub struct BenchVerificationArgs {
+    /// Seed of the simulation's random draws.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 /// `swarmtune bench adversary`

@@ -270,7 +270,12 @@ fn separate_processes_survive_churn_and_a_coordinator_crash() {
     // the first volunteer to connect may train all three leases of a round one after another.
     for v in all.iter().skip(1) {
         assert_eq!(v["tokens"].as_u64(), Some(3 * 24 * 8 * 64), "{v}");
-        assert!(v["contributors"].as_u64().is_some_and(|c| (1..=3).contains(&c)), "{v}");
+        assert!(
+            v["contributors"]
+                .as_u64()
+                .is_some_and(|c| (1..=3).contains(&c)),
+            "{v}"
+        );
     }
     let first = all[0]["metrics"]["eval_loss"].as_f64().unwrap();
     let last = all.last().unwrap()["metrics"]["eval_loss"]

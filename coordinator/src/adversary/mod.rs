@@ -14,6 +14,7 @@
 //! job's `probation_leases` accepted deltas, during which every delta is replayed), then attack
 //! every lease they get. An impatient attacker is caught by the probation replay at once.
 
+pub mod economics;
 pub mod sim;
 
 use std::path::Path;

@@ -7,6 +7,7 @@ use swarmtune_trainer::train::TrainSpec;
 
 use crate::cli::{
     BenchAdversaryArgs, BenchMergeArgs, BenchNetArgs, BenchSkillArgs, BenchTrainArgs,
+    BenchVerificationArgs,
 };
 
 /// `swarmtune bench skill`.
@@ -278,5 +279,16 @@ pub fn adversary(args: BenchAdversaryArgs) -> anyhow::Result<()> {
     );
     println!("{}", adversary::summary_table(&rows));
     println!("{}", adversary::attacker_table(&rows));
+    Ok(())
+}
+
+/// `swarmtune bench verification`.
+pub fn verification(args: BenchVerificationArgs) -> anyhow::Result<()> {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    print!(
+        "{}",
+        swarmtune_coordinator::adversary::economics::report(&mut rng)
+    );
     Ok(())
 }

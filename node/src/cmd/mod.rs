@@ -30,6 +30,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Net(args)) => bench::net(args),
         Command::Bench(BenchCommand::Merge(args)) => bench::merge(args),
         Command::Bench(BenchCommand::Adversary(args)) => bench::adversary(args),
+        Command::Bench(BenchCommand::Verification(args)) => bench::verification(args),
     }
 }
 
