@@ -134,6 +134,25 @@ impl Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Every stdout line read so far, taking in what has arrived without waiting.
+    pub fn lines(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
+    /// SIGKILL, at once; returns every line it printed.
+    pub fn kill_collect(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The reader thread ends at the pipe's end, which the kill brings at once.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(line);
+        }
+        std::mem::take(&mut self.seen)
+    }
 }
 
 impl Drop for Proc {
@@ -165,4 +184,166 @@ pub fn last_json(out: &str) -> serde_json::Value {
                 .filter(|v| v.is_object())
         })
         .unwrap_or_else(|| panic!("no JSON in {out:?}"))
+}
+
+/// How long a process gets to start and print its first line.
+pub const START: Duration = Duration::from_secs(120);
+/// How long a client command (`submit`, `status`, `pull`) gets.
+pub const COMMAND: Duration = Duration::from_secs(120);
+
+/// A network of `swarmtune` processes on 127.0.0.1, each with a data dir under `dir` and
+/// their stderr appended to `log`.
+pub struct Net {
+    /// Where the data dirs are.
+    pub dir: tempfile::TempDir,
+    /// The children's stderr.
+    pub log: std::path::PathBuf,
+}
+
+impl Net {
+    /// A network in a new temporary directory.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let log = dir.path().join("children.log");
+        eprintln!("children's logs: {}", log.display());
+        Self { dir, log }
+    }
+
+    /// `name` under the network's directory.
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// A coordinator with its data in `coordinator/`, listening on `listen`; with the address
+    /// it prints.
+    pub fn coordinator(&self, listen: &str) -> (Proc, String) {
+        let mut p = spawn(
+            "coordinator",
+            &[
+                "coordinator",
+                "--data-dir",
+                &self.path("coordinator"),
+                "--listen",
+                listen,
+                "--no-mdns",
+                "--threads",
+                "1",
+            ],
+            &self.log,
+        );
+        let addr = p.wait_line("listening on ", START);
+        (p, addr)
+    }
+
+    /// Volunteer `n` with its data in `volunteer-N/`, bootstrapped from `coordinator`; with
+    /// its peer id.
+    pub fn volunteer(&self, n: usize, coordinator: &str) -> (Proc, String) {
+        let mut p = spawn(
+            &format!("volunteer {n}"),
+            &[
+                "node",
+                "--data-dir",
+                &self.path(&format!("volunteer-{n}")),
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--bootstrap",
+                coordinator,
+                "--no-mdns",
+                "--threads",
+                "1",
+            ],
+            &self.log,
+        );
+        let peer = p.wait_line("volunteer ", START);
+        (p, peer)
+    }
+
+    /// `status JOB --json`, parsed.
+    pub fn status(&self, coordinator: &str, job: &str) -> serde_json::Value {
+        let out = run_ok(
+            &["status", job, "--json", "--coordinator", coordinator],
+            &self.log,
+            COMMAND,
+        );
+        last_json(&out)
+    }
+
+    /// Polls `status` until `check` holds (at most `timeout`).
+    pub fn wait_for(
+        &self,
+        coordinator: &str,
+        job: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status(coordinator, job);
+            if check(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status {status:#}; log in {}",
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// The job's versions, oldest first (the wire lists them newest first).
+pub fn versions(status: &serde_json::Value) -> Vec<serde_json::Value> {
+    let mut all = status["versions"].as_array().cloned().unwrap_or_default();
+    all.sort_by_key(|v| v["version"].as_u64());
+    all
+}
+
+/// The job's state in a `status --json` answer.
+pub fn state(status: &serde_json::Value) -> String {
+    status["summary"]["state"].as_str().unwrap_or("").to_owned()
+}
+
+impl Default for Net {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Writes the shout skill's train split as `shout.jsonl` and `job` as `job.toml` into `dir`;
+/// returns the job file's path. A job file names the dataset as `path = "shout.jsonl"`.
+pub fn write_job(dir: &Path, job: &str) -> std::path::PathBuf {
+    let (train, _) = swarmtune_trainer::builtin::skill::splits(3, 600, 0);
+    let mut lines = String::new();
+    for e in &train {
+        if let swarmtune_trainer::data::Example::PromptCompletion { prompt, completion } = e {
+            lines.push_str(
+                &serde_json::json!({"prompt": prompt, "completion": completion}).to_string(),
+            );
+            lines.push('\n');
+        }
+    }
+    std::fs::write(dir.join("shout.jsonl"), lines).expect("write the dataset");
+    let path = dir.join("job.toml");
+    std::fs::write(&path, job).expect("write the job file");
+    path
+}
+
+/// The job id `submit` printed.
+pub fn submitted_job(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("submitted job "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no job id in {out}"))
+        .to_owned()
+}
+
+/// The TCP port of a multiaddr such as `/ip4/127.0.0.1/tcp/4001/p2p/…`.
+pub fn tcp_port(addr: &str) -> String {
+    addr.split('/')
+        .skip_while(|p| *p != "tcp")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no TCP port in {addr}"))
+        .to_owned()
 }

@@ -6,18 +6,18 @@
 //! and the pulled adapter reproduces the coordinator's eval loss when loaded in the trainer.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
-use swarmtune_tests::{Proc, child_entry, last_json, run_ok, spawn};
+use swarmtune_tests::{
+    COMMAND, Net, Proc, START, child_entry, run_ok, spawn, state, submitted_job, tcp_port,
+    versions, write_job,
+};
 use swarmtune_trainer::data::{ShardPlan, build_shards, load_tokenizer_with_hash, read_dataset};
 use swarmtune_trainer::lora::{Adapter, DeviceLora};
 use swarmtune_trainer::model::{CausalLm, ForwardOptions};
 
 child_entry!();
-
-const START: Duration = Duration::from_secs(120);
-const COMMAND: Duration = Duration::from_secs(120);
 
 const JOB: &str = r#"
 module = "shout"
@@ -52,132 +52,12 @@ challenge_probability = 0.5
 probation_leases = 1
 "#;
 
-struct Net {
-    dir: tempfile::TempDir,
-    log: std::path::PathBuf,
-}
-
-impl Net {
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-
-    fn coordinator(&self, listen: &str) -> (Proc, String) {
-        let mut p = spawn(
-            "coordinator",
-            &[
-                "coordinator",
-                "--data-dir",
-                &self.path("coordinator"),
-                "--listen",
-                listen,
-                "--no-mdns",
-                "--threads",
-                "1",
-            ],
-            &self.log,
-        );
-        let addr = p.wait_line("listening on ", START);
-        (p, addr)
-    }
-
-    fn volunteer(&self, n: usize, coordinator: &str) -> (Proc, String) {
-        let mut p = spawn(
-            &format!("volunteer {n}"),
-            &[
-                "node",
-                "--data-dir",
-                &self.path(&format!("volunteer-{n}")),
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--bootstrap",
-                coordinator,
-                "--no-mdns",
-                "--threads",
-                "1",
-            ],
-            &self.log,
-        );
-        let peer = p.wait_line("volunteer ", START);
-        (p, peer)
-    }
-
-    fn status(&self, coordinator: &str, job: &str) -> Value {
-        let out = run_ok(
-            &["status", job, "--json", "--coordinator", coordinator],
-            &self.log,
-            COMMAND,
-        );
-        last_json(&out)
-    }
-
-    /// Polls `status` until `check` holds (at most `timeout`).
-    fn wait_for(
-        &self,
-        coordinator: &str,
-        job: &str,
-        what: &str,
-        timeout: Duration,
-        check: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status(coordinator, job);
-            if check(&status) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; last status {status:#}; log in {}",
-                self.log.display()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
-
-/// The job's versions, oldest first (the wire lists them newest first).
-fn versions(status: &Value) -> Vec<Value> {
-    let mut all = status["versions"].as_array().cloned().unwrap_or_default();
-    all.sort_by_key(|v| v["version"].as_u64());
-    all
-}
-
-fn state(status: &Value) -> String {
-    status["summary"]["state"].as_str().unwrap_or("").to_owned()
-}
-
-fn write_job(dir: &Path) -> std::path::PathBuf {
-    let (train, _) = swarmtune_trainer::builtin::skill::splits(3, 600, 0);
-    let mut lines = String::new();
-    for e in &train {
-        if let swarmtune_trainer::data::Example::PromptCompletion { prompt, completion } = e {
-            lines.push_str(
-                &serde_json::json!({"prompt": prompt, "completion": completion}).to_string(),
-            );
-            lines.push('\n');
-        }
-    }
-    std::fs::write(dir.join("shout.jsonl"), lines).unwrap();
-    let path = dir.join("job.toml");
-    std::fs::write(&path, JOB).unwrap();
-    path
-}
-
 #[test]
 fn separate_processes_survive_churn_and_a_coordinator_crash() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("children.log");
-    let net = Net { dir, log };
-    eprintln!("children's logs: {}", net.log.display());
+    let net = Net::new();
 
     let (coordinator, addr) = net.coordinator("/ip4/127.0.0.1/tcp/0");
-    let port = addr
-        .split('/')
-        .skip_while(|p| *p != "tcp")
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let port = tcp_port(&addr);
     let mut volunteers: Vec<(Proc, String)> = (1..=3).map(|n| net.volunteer(n, &addr)).collect();
 
     // A bad job file is refused before anything is sent, with exit code 2 and the key named.
@@ -195,7 +75,7 @@ fn separate_processes_survive_churn_and_a_coordinator_crash() {
     .finish(COMMAND);
     assert_eq!(code, 2);
 
-    let job_file = write_job(net.dir.path());
+    let job_file = write_job(net.dir.path(), JOB);
     let out = run_ok(
         &[
             "submit",
@@ -208,12 +88,7 @@ fn separate_processes_survive_churn_and_a_coordinator_crash() {
         &net.log,
         Duration::from_secs(300),
     );
-    let job = out
-        .lines()
-        .find_map(|l| l.strip_prefix("submitted job "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no job id in {out}"))
-        .to_owned();
+    let job = submitted_job(&out);
 
     // Churn: kill a volunteer while it holds a lease of round 2 (fetching or training it),
     // start a new one.

@@ -212,12 +212,22 @@ pub async fn show_reports(mut reports: mpsc::Receiver<Report>, bars: MultiProgre
                 }
             }
             Report::Step {
-                step, total, loss, ..
+                lease_id,
+                step,
+                total,
+                loss,
             } => {
                 if let Some(b) = &bar {
                     b.set_length(total);
                     b.set_position(step);
                     b.set_message(format!("loss {loss:.3}"));
+                }
+                // Without a terminal there is no bar: a line every tenth of the lease.
+                if bars.is_hidden() && (step % total.div_ceil(10).max(1) == 0 || step == total) {
+                    say(
+                        &bars,
+                        format!("{}: step {step}/{total}, loss {loss:.3}", prefix(lease_id)),
+                    );
                 }
             }
             Report::Delivered {
