@@ -207,3 +207,27 @@ fn kv_cache_generation_matches_the_full_forward() {
         assert!(diff < 1e-4, "{name}: cached logits differ by {diff}");
     }
 }
+
+/// A config.json that claims 2^31 − 1 layers (found by fuzzing: the loaders used to reserve
+/// that many layers up front and aborted the process) is refused with an error naming the
+/// first missing tensor.
+#[test]
+fn a_config_with_a_huge_layer_count_is_refused_not_an_abort() {
+    let device = DeviceKind::Cpu.device().unwrap();
+    for (name, key) in [("gpt2", "n_layer"), ("llama", "num_hidden_layers")] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = fixture(name).join("model");
+        for file in ["model.safetensors", "tokenizer.json"] {
+            std::fs::copy(model.join(file), dir.path().join(file)).unwrap();
+        }
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+        config[key] = serde_json::json!(i32::MAX);
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let err = match CausalLm::load(dir.path(), &device) {
+            Ok(_) => panic!("{name}: a {} layer model loaded from 2 layers", i32::MAX),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(".2."), "{name}: {err}");
+    }
+}
