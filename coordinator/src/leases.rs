@@ -175,8 +175,9 @@ pub fn grant(
         );
     }
     let holder = peer.to_bytes();
-    // One lease at a time per volunteer and job.
-    let mut holds_one = false;
+    // One lease at a time per volunteer and job. A volunteer that asks while it holds one has
+    // lost it (it restarted, say): it gets the same lease again, as it stands, rather than
+    // its unit waiting for the lease to lapse.
     for unit in &job.units {
         if let Some(id) = unit.lease
             && !unit.delivered
@@ -184,18 +185,18 @@ pub fn grant(
             && record.holder == holder
             && record.state == LeaseState::Active
         {
-            holds_one = true;
+            // The record is the coordinator's own encoding; should it not decode, the unit
+            // waits for the lease to lapse.
+            let Ok(mut lease) = v1::Lease::decode(record.lease.as_slice()) else {
+                return no_work(
+                    v1::NoWorkReason::TooManyLeases,
+                    record.expires_at_ms.saturating_sub(now).min(60_000),
+                    format!("you already hold lease {id} of round {}", job.round),
+                );
+            };
+            lease.expires_at_unix_ms = record.expires_at_ms;
+            return Ok(LeaseAnswer::Granted(Box::new(lease)));
         }
-    }
-    if holds_one {
-        return no_work(
-            v1::NoWorkReason::TooManyLeases,
-            job.round_deadline_ms.saturating_sub(now).min(60_000),
-            format!(
-                "you already hold a lease of round {}; deliver it first",
-                job.round
-            ),
-        );
     }
     let inner = spec.inner.unwrap_or_default();
     let tokens =
@@ -598,9 +599,10 @@ mod tests {
         assert_eq!(la.holder_peer_id, a.to_bytes());
         assert_eq!((la.round, la.start_version, la.shards.len()), (1, 1, 1));
         assert!(la.expires_at_unix_ms <= la.round_deadline_unix_ms);
+        // a asks again while it holds a lease (it restarted): the same lease, not a second.
         assert_eq!(
-            no_work(ask(&store, &mut job, &spec, &a, &fast(), now)),
-            v1::NoWorkReason::TooManyLeases
+            granted(ask(&store, &mut job, &spec, &a, &fast(), now + 5)),
+            la
         );
         let lb = granted(ask(&store, &mut job, &spec, &b, &fast(), now));
         assert_ne!(lb.lease_id, la.lease_id);

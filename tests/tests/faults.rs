@@ -59,6 +59,10 @@ timeout_secs = 900
 [verification]
 challenge_probability = 0.5
 probation_leases = 1
+[gate]
+# Every merged round is published: the gate is not what this test is about, and a round of
+# this small job may do slightly worse than the one before.
+max_eval_loss_regression = 10.0
 "#;
 
 /// SIGKILLs after the churn.
@@ -228,7 +232,16 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
     });
     assert_eq!(state(&done), "completed", "{done:#}");
     let all = versions(&done);
-    assert_eq!(all.len() as u64, ROUNDS + 1, "{done:#}");
+    assert_eq!(
+        done["summary"]["rounds_merged"].as_u64(),
+        Some(ROUNDS),
+        "{done:#}"
+    );
+    assert_eq!(
+        all.len() as u64,
+        ROUNDS + 1,
+        "a version per round: {done:#}"
+    );
     // No shard lost: every round merged a full quorum of leases.
     let lease_tokens = INNER_STEPS * BATCH * SEQ_LEN;
     for v in all.iter().skip(1) {
