@@ -9,7 +9,6 @@
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use libp2p::Multiaddr;
@@ -26,9 +25,9 @@ use swarmtune_trainer::checkpoint::safetensors_from_bytes;
 use swarmtune_trainer::data::{Shard, ShardLimits};
 use swarmtune_trainer::delta::{DeltaEncoding, encode};
 use swarmtune_trainer::device::DeviceKind;
-use swarmtune_trainer::lora::{Adapter, LoraConfig};
+
 use swarmtune_trainer::model::CausalLm;
-use swarmtune_trainer::train::{LeaseData, LocalTrainer, Provenance, TrainOutcome};
+use swarmtune_trainer::train::TrainOutcome;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -223,33 +222,7 @@ async fn train(volunteer: &Peer, model: &CausalLm, lease: &v1::Lease) -> TrainOu
     for c in &lease.shards {
         shards.push(Shard::decode(&fetch(c).await, &ShardLimits::default()).unwrap());
     }
-    let l = lease.lora.clone().unwrap();
-    let lora = LoraConfig {
-        rank: l.rank as usize,
-        alpha: l.alpha,
-        dropout: l.dropout,
-        target_modules: l.target_modules,
-    };
-    let trainer = LocalTrainer::new(
-        model,
-        lora.clone(),
-        Provenance::here("flex", rayon::current_num_threads()),
-    )
-    .unwrap();
-    let data = LeaseData::new(&shards, model.config().vocab_size()).unwrap();
-    let spec = swarmtune_coordinator::verify::train_spec(lease).unwrap();
-    trainer
-        .train(
-            &Adapter {
-                config: lora,
-                tensors: start,
-            },
-            &data,
-            &spec,
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .unwrap()
+    swarmtune_coordinator::adversary::sim::train_lease(model, lease, &shards, start).unwrap()
 }
 
 async fn ask_lease(volunteer: &Peer, coordinator: PeerId) -> v1::Lease {

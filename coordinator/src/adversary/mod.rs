@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use libp2p_identity::{Keypair, PeerId};
-use prost::Message;
 use rand::{Rng, SeedableRng};
 use swarmtune_protocol::{ContentId, v1};
 use swarmtune_trainer::delta::{DeltaEncoding, encode};
@@ -722,11 +721,6 @@ pub fn gaussian_like(layout: &NamedTensors, norm: f64, rng: &mut impl Rng) -> Na
         return out;
     }
     scaled(&out, (norm / current) as f32)
-}
-
-/// Decodes a delta envelope (for callers holding a signed one).
-pub fn envelope_of(signed: &v1::Signed) -> Result<v1::DeltaEnvelope> {
-    v1::DeltaEnvelope::decode(signed.payload.as_slice()).or_else(|e| fail("an envelope", e))
 }
 
 /// A sweep over shares of malicious volunteers: the all-honest run first (the baseline), then

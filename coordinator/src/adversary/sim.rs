@@ -318,28 +318,7 @@ impl SimVolunteer {
             let bytes = coordinator.blobs().read(&id).context("reading a shard")?;
             shards.push(Shard::decode(&bytes, &ShardLimits::default()).context("a shard")?);
         }
-        let lora = lease_lora(lease);
-        let trainer = LocalTrainer::new(
-            &self.model,
-            lora.clone(),
-            Provenance::here("flex", threads()),
-        )
-        .context("the trainer")?;
-        let data =
-            LeaseData::new(&shards, self.model.config().vocab_size()).context("lease data")?;
-        let spec = crate::verify::train_spec(lease).context("the lease's settings")?;
-        trainer
-            .train(
-                &Adapter {
-                    config: lora,
-                    tensors: start,
-                },
-                &data,
-                &spec,
-                &mut |_| {},
-                &AtomicBool::new(false),
-            )
-            .context("training")
+        train_lease(&self.model, lease, &shards, start)
     }
 
     /// The envelope for `outcome` with `bytes` as its delta blob, put where the coordinator
@@ -404,6 +383,33 @@ impl SimVolunteer {
         let envelope = self.envelope(coordinator, lease, outcome, bytes)?;
         self.sign(&envelope, now)
     }
+}
+
+/// What a volunteer does with a lease: trains `shards` with the lease's seed and settings,
+/// from `start`, on `model` (the CPU backend, [`threads`] threads).
+pub fn train_lease(
+    model: &CausalLm,
+    lease: &v1::Lease,
+    shards: &[Shard],
+    start: NamedTensors,
+) -> Result<TrainOutcome> {
+    let lora = lease_lora(lease);
+    let trainer = LocalTrainer::new(model, lora.clone(), Provenance::here("flex", threads()))
+        .context("the trainer")?;
+    let data = LeaseData::new(shards, model.config().vocab_size()).context("lease data")?;
+    let spec = crate::verify::train_spec(lease).context("the lease's settings")?;
+    trainer
+        .train(
+            &Adapter {
+                config: lora,
+                tensors: start,
+            },
+            &data,
+            &spec,
+            &mut |_| {},
+            &AtomicBool::new(false),
+        )
+        .context("training")
 }
 
 /// A challenge's answer from `states` (one per commitment step): each segment's start and
