@@ -4,11 +4,12 @@
 //! volunteers are SIGKILLed while they hold leases of the same round, and new ones join.
 //! Then come 20 SIGKILLs at random moments of rounds 1 to 4 (seeded): the coordinator,
 //! restarted on its data dir and port, or a volunteer, restarted on its own data dir or
-//! replaced by a new one.
-//! Before each coordinator restart every blob in its store must verify, and after it no job,
-//! version or accepted delta may be missing. The job must complete with every round merged
-//! from a full quorum (no shard lost), and every blob of every data dir must verify. The test
-//! prints the share of the tokens volunteers trained that made it into merged versions.
+//! replaced by a new one. After each kill every blob in the dead process's store must verify;
+//! after a coordinator restart no job, version or accepted delta may be missing, and a
+//! volunteer restarted on its data dir must be the same peer. The job must complete with every
+//! round merged from a full quorum (no shard lost), and every blob of every data dir must
+//! verify. The test prints the share of the tokens volunteers trained that made it into
+//! merged versions.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -98,8 +99,10 @@ fn nothing_lost(before: &Value, after: &Value) {
     );
 }
 
-/// Steps each lease reached, from a volunteer's stdout (`lease N: step S/T, ...`).
-fn steps_trained(lines: &[String], into: &mut BTreeMap<u64, u64>) {
+/// The steps one volunteer process trained, lease by lease, from its stdout (`lease N: step
+/// S/T, ...`): the furthest step it reported of each lease.
+fn steps_trained(lines: &[String]) -> BTreeMap<u64, u64> {
+    let mut leases: BTreeMap<u64, u64> = BTreeMap::new();
     for line in lines {
         let Some((lease, rest)) = line
             .strip_prefix("lease ")
@@ -113,8 +116,20 @@ fn steps_trained(lines: &[String], into: &mut BTreeMap<u64, u64>) {
         ) else {
             continue;
         };
-        let best = into.entry(lease).or_default();
+        let best = leases.entry(lease).or_default();
         *best = (*best).max(step);
+    }
+    leases
+}
+
+/// What the volunteers trained: one entry per process and lease (a lease trained again by a
+/// restarted volunteer counts twice), its steps.
+#[derive(Default)]
+struct Trained(Vec<u64>);
+
+impl Trained {
+    fn add(&mut self, lines: &[String]) {
+        self.0.extend(steps_trained(lines).into_values());
     }
 }
 
@@ -148,8 +163,7 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
         Duration::from_secs(300),
     );
     let job = submitted_job(&out);
-    // Lease id → the most steps any volunteer reported for it.
-    let mut trained = BTreeMap::new();
+    let mut trained = Trained::default();
 
     // Churn: half the volunteers die holding leases of the same round; new ones join.
     let busy = net.wait_for(&addr, &job, "two leases of one round out", START * 3, |s| {
@@ -173,7 +187,7 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
             .position(|(_, p, _)| p == peer)
             .expect("the lease holder is one of ours");
         let (p, _, _) = volunteers.remove(at);
-        steps_trained(&p.kill_collect(), &mut trained);
+        trained.add(&p.kill_collect());
     }
     eprintln!("churn: killed {holders:?} mid-round {round:?}");
     for _ in 0..2 {
@@ -210,8 +224,9 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
             );
         } else {
             let at = rng.random_range(0..volunteers.len());
-            let (p, _, n) = volunteers.remove(at);
-            steps_trained(&p.kill_collect(), &mut trained);
+            let (p, peer, n) = volunteers.remove(at);
+            trained.add(&p.kill_collect());
+            blobs_checked += verify_blobs(Path::new(&net.path(&format!("volunteer-{n}"))));
             // Back on its own data dir (same identity) or replaced by a newcomer.
             let back = rng.random_bool(0.5).then_some(n);
             eprintln!(
@@ -223,6 +238,12 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
                 }
             );
             let v = volunteer(&net, back);
+            if back.is_some() {
+                assert_eq!(
+                    v.1, peer,
+                    "a volunteer restarted on its data dir is the same peer"
+                );
+            }
             volunteers.push(v);
         }
     }
@@ -252,7 +273,7 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
 
     coordinator.kill();
     for (p, _, _) in volunteers {
-        steps_trained(&p.kill_collect(), &mut trained);
+        trained.add(&p.kill_collect());
     }
     // Every blob of every data dir verifies: the coordinator's, the owner's, every volunteer's.
     for entry in std::fs::read_dir(net.dir.path()).unwrap() {
@@ -262,16 +283,16 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
         }
     }
     let merged: u64 = all.iter().filter_map(|v| v["tokens"].as_u64()).sum();
-    let trained_tokens: u64 = trained.values().sum::<u64>() * BATCH * SEQ_LEN;
+    let trained_tokens: u64 = trained.0.iter().sum::<u64>() * BATCH * SEQ_LEN;
     assert!(
         merged <= trained_tokens,
         "merged {merged} tokens, more than the {trained_tokens} trained"
     );
     eprintln!(
-        "{KILLS} kills ({coordinator_kills} of the coordinator), {} leases trained on, \
+        "{KILLS} kills ({coordinator_kills} of the coordinator), {} leases trained (by process), \
          {trained_tokens} tokens trained, {merged} merged: {:.1}% of the training made it \
          into versions; {blobs_checked} blob checks passed",
-        trained.len(),
+        trained.0.len(),
         100.0 * merged as f64 / trained_tokens as f64
     );
     assert!(
