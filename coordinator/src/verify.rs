@@ -912,8 +912,9 @@ pub enum SegmentVerdict {
 }
 
 /// The largest LoRA state blob of `layout`: three F32 copies of every tensor plus a generous
-/// header, and never more than blob.proto's 1 GiB.
-fn state_byte_cap(layout: &NamedTensors) -> usize {
+/// header, and never more than blob.proto's 1 GiB. A challenge's state blobs are parsed with
+/// this limit.
+pub fn state_byte_cap(layout: &NamedTensors) -> usize {
     layout
         .iter()
         .map(|(name, t)| 3 * (4 * t.len() + name.len() + 256))

@@ -137,7 +137,7 @@ pub const TARGETS: &[Target] = &[
     },
     Target {
         name: "tokenizer",
-        decoder: "tokenizer.json: Tokenizer::from_bytes + find_eos_token + data::build_shards",
+        decoder: "tokenizer.json: data::tokenizer_from_bytes + find_eos_token + data::build_shards",
         run: tokenizer,
     },
     Target {
@@ -251,16 +251,6 @@ pub fn layout() -> &'static NamedTensors {
         }
         out
     })
-}
-
-/// `coordinator/src/verify.rs`'s `state_byte_cap` (private there), the limit a challenge's
-/// state blob is parsed with.
-pub fn state_byte_cap(layout: &NamedTensors) -> usize {
-    layout
-        .iter()
-        .map(|(name, t)| 3 * (4 * t.len() + name.len() + 256))
-        .fold(4096usize, usize::saturating_add)
-        .min(verify::MAX_STATE_BLOB_BYTES)
 }
 
 /// The encodings a lease can name, by index (the `delta_verify` target's first byte).
@@ -777,8 +767,8 @@ pub fn delta_verify(data: &[u8]) -> Verdict {
 /// verifier uses.
 pub fn lora_state(data: &[u8]) -> Verdict {
     let layout = layout();
-    let state =
-        LoraState::from_bytes(data, layout, state_byte_cap(layout)).map_err(|e| e.to_string())?;
+    let state = LoraState::from_bytes(data, layout, verify::state_byte_cap(layout))
+        .map_err(|e| e.to_string())?;
     let _ = state.hash();
     Ok(format!("state at step {} accepted", state.step()))
 }
@@ -860,12 +850,12 @@ pub fn model_config(data: &[u8]) -> Verdict {
     ))
 }
 
-/// A `tokenizer.json` from a base bundle: `Tokenizer::from_bytes` (what
+/// A `tokenizer.json` from a base bundle: `data::tokenizer_from_bytes` (what
 /// `data::load_tokenizer_with_hash` calls on the file's bytes), the EOS lookup, then the
 /// tokenizer cutting a two-example dataset into shards as the coordinator's `prepare` does.
 pub fn tokenizer(data: &[u8]) -> Verdict {
-    let tokenizer =
-        tokenizers::Tokenizer::from_bytes(data).map_err(|e| format!("tokenizer: {e}"))?;
+    let tokenizer = swarmtune_trainer::data::tokenizer_from_bytes(data)
+        .map_err(|e| format!("tokenizer: {e}"))?;
     let eos = find_eos_token(&tokenizer);
     let examples = [
         swarmtune_trainer::data::Example::Text("the cat sees ben".into()),

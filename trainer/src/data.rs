@@ -277,17 +277,22 @@ pub fn load_tokenizer_with_hash(
 ) -> Result<(Tokenizer, [u8; 32]), DataError> {
     let path = path.as_ref();
     let bytes = read_file(path)?;
-    let refused = |reason: String| DataError::Tokenizer {
+    let tokenizer = tokenizer_from_bytes(&bytes).map_err(|reason| DataError::Tokenizer {
         file: path.to_path_buf(),
         reason,
-    };
-    // tokenizers 0.22 panics on some malformed files instead of returning an error (a syntax
-    // error inside "decoder": `.expect("Helper")` in decoders/mod.rs, found by fuzzing); the
-    // file may come from a peer, so such a panic is its refusal, not our crash.
-    let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(&bytes))
-        .map_err(|_| refused("the tokenizer library could not parse it (it panicked)".into()))?;
-    let tokenizer = parsed.map_err(|e| refused(e.to_string()))?;
+    })?;
     Ok((tokenizer, *blake3::hash(&bytes).as_bytes()))
+}
+
+/// Parses the bytes of a `tokenizer.json`; the error says why it is refused.
+///
+/// tokenizers 0.22 panics on some malformed files instead of returning an error (a syntax
+/// error inside "decoder": `.expect("Helper")` in decoders/mod.rs, found by fuzzing). The
+/// file may come from a peer, so such a panic is its refusal, not our crash.
+pub fn tokenizer_from_bytes(bytes: &[u8]) -> Result<Tokenizer, String> {
+    std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes))
+        .map_err(|_| "the tokenizer library could not parse it (it panicked)".to_owned())?
+        .map_err(|e| e.to_string())
 }
 
 /// The id of the tokenizer's end-of-sequence token, looked up among common EOS strings; prefer

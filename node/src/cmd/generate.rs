@@ -8,7 +8,6 @@ use swarmtune_trainer::device::ThreadPool;
 use swarmtune_trainer::generate::{Sampling, generate};
 use swarmtune_trainer::lora::{Adapter, DeviceLora};
 use swarmtune_trainer::model::{CausalLm, ForwardOptions};
-use tokenizers::Tokenizer;
 
 use crate::cli::GenerateArgs;
 
@@ -18,8 +17,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device = args.compute.device.device()?;
     let model_dir = super::model_dir(args.model.as_deref())?;
     let tokenizer_path = model_dir.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_file(&tokenizer_path)
-        .map_err(|e| anyhow!("{}: {e}", tokenizer_path.display()))?;
+    let tokenizer = swarmtune_trainer::data::load_tokenizer(&tokenizer_path)?;
     let prompt = tokenizer
         .encode(args.prompt.as_str(), false)
         .map_err(|e| anyhow!("cannot tokenize the prompt: {e}"))?
