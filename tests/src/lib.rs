@@ -135,6 +135,15 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Sends SIGINT, as Ctrl-C in a terminal does.
+    pub fn interrupt(&self) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -INT {}: {status}", self.name);
+    }
+
     /// Every stdout line read so far, taking in what has arrived without waiting.
     pub fn lines(&mut self) -> &[String] {
         while let Ok(line) = self.lines.try_recv() {

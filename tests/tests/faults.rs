@@ -1,7 +1,8 @@
 //! Churn and crashes (issue 8, points 3 and 4), with separate processes on 127.0.0.1.
 //!
 //! One coordinator and four volunteers run a job of 5 rounds of 4 leases. First half of the
-//! volunteers are SIGKILLed while they hold leases of the same round, and new ones join.
+//! volunteers are SIGKILLed while they hold leases of the same round, one more leaves with
+//! Ctrl-C (giving its lease back), and three new ones join.
 //! Then come 20 SIGKILLs at random moments of rounds 1 to 4 (seeded): the coordinator,
 //! restarted on its data dir and port, or a volunteer, restarted on its own data dir or
 //! replaced by a new one. After each kill every blob in the dead process's store must verify;
@@ -190,7 +191,25 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
         trained.add(&p.kill_collect());
     }
     eprintln!("churn: killed {holders:?} mid-round {round:?}");
-    for _ in 0..2 {
+    // One more leaves as a person would, with Ctrl-C (twice: the second stops the wait for
+    // the verdicts of deltas it delivered). It gives back the lease it held, so no unit waits
+    // for a lease to lapse, and exits cleanly.
+    let (leaving, peer, _) = volunteers.remove(0);
+    leaving.interrupt();
+    std::thread::sleep(Duration::from_secs(2));
+    leaving.interrupt();
+    let (code, out) = leaving.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "a volunteer left with Ctrl-C: {out}");
+    trained.add(&out.lines().map(str::to_owned).collect::<Vec<_>>());
+    let after = net.status(&addr, &job);
+    assert!(
+        !after["active_peers"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|p| p["peer"] == peer.as_str())),
+        "the volunteer that left still holds a lease: {after:#}"
+    );
+    eprintln!("churn: {peer} left with Ctrl-C");
+    for _ in 0..3 {
         let v = volunteer(&net, None);
         volunteers.push(v);
     }
