@@ -854,8 +854,16 @@ pub fn model_config(data: &[u8]) -> Verdict {
 /// `data::load_tokenizer_with_hash` calls on the file's bytes), the EOS lookup, then the
 /// tokenizer cutting a two-example dataset into shards as the coordinator's `prepare` does.
 pub fn tokenizer(data: &[u8]) -> Verdict {
-    let tokenizer = swarmtune_trainer::data::tokenizer_from_bytes(data)
-        .map_err(|e| format!("tokenizer: {e}"))?;
+    // tokenizers 0.22 panics on some malformed files (an upstream bug); the node catches that
+    // panic inside `tokenizer_from_bytes` and refuses the file. libFuzzer's panic hook would
+    // abort the process before the unwind reaches the catch, so the parse runs with a silent
+    // hook: a panic caught there is a refusal, as in the node. Panics anywhere else still
+    // abort (the hook is restored before anything else runs).
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let parsed = swarmtune_trainer::data::tokenizer_from_bytes(data);
+    std::panic::set_hook(hook);
+    let tokenizer = parsed.map_err(|e| format!("tokenizer: {e}"))?;
     let eos = find_eos_token(&tokenizer);
     let examples = [
         swarmtune_trainer::data::Example::Text("the cat sees ben".into()),
