@@ -144,14 +144,6 @@ impl Proc {
         assert!(status.success(), "kill -INT {}: {status}", self.name);
     }
 
-    /// Every stdout line read so far, taking in what has arrived without waiting.
-    pub fn lines(&mut self) -> &[String] {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        &self.seen
-    }
-
     /// SIGKILL, at once; returns every line it printed.
     pub fn kill_collect(mut self) -> Vec<String> {
         let _ = self.child.kill();
@@ -267,6 +259,28 @@ impl Net {
         (p, peer)
     }
 
+    /// `submit JOB_FILE` to `coordinator` as the job owner (data dir `owner/`); returns the
+    /// job id it printed.
+    pub fn submit(&self, coordinator: &str, job_file: &Path) -> String {
+        let out = run_ok(
+            &[
+                "submit",
+                job_file.to_str().expect("a UTF-8 path"),
+                "--coordinator",
+                coordinator,
+                "--data-dir",
+                &self.path("owner"),
+            ],
+            &self.log,
+            Duration::from_secs(300),
+        );
+        out.lines()
+            .find_map(|l| l.strip_prefix("submitted job "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no job id in {out}"))
+            .to_owned()
+    }
+
     /// `status JOB --json`, parsed.
     pub fn status(&self, coordinator: &str, job: &str) -> serde_json::Value {
         let out = run_ok(
@@ -337,15 +351,6 @@ pub fn write_job(dir: &Path, job: &str) -> std::path::PathBuf {
     let path = dir.join("job.toml");
     std::fs::write(&path, job).expect("write the job file");
     path
-}
-
-/// The job id `submit` printed.
-pub fn submitted_job(out: &str) -> String {
-    out.lines()
-        .find_map(|l| l.strip_prefix("submitted job "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no job id in {out}"))
-        .to_owned()
 }
 
 /// The TCP port of a multiaddr such as `/ip4/127.0.0.1/tcp/4001/p2p/…`.

@@ -19,9 +19,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use swarmtune_protocol::BlobStore;
-use swarmtune_tests::{
-    Net, Proc, START, child_entry, run_ok, state, submitted_job, tcp_port, versions, write_job,
-};
+use swarmtune_tests::{Net, Proc, START, child_entry, state, tcp_port, versions, write_job};
 
 child_entry!();
 
@@ -123,17 +121,6 @@ fn steps_trained(lines: &[String]) -> BTreeMap<u64, u64> {
     leases
 }
 
-/// What the volunteers trained: one entry per process and lease (a lease trained again by a
-/// restarted volunteer counts twice), its steps.
-#[derive(Default)]
-struct Trained(Vec<u64>);
-
-impl Trained {
-    fn add(&mut self, lines: &[String]) {
-        self.0.extend(steps_trained(lines).into_values());
-    }
-}
-
 #[test]
 fn churn_and_twenty_random_crashes_lose_nothing() {
     let net = Net::new();
@@ -151,20 +138,10 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
     let mut volunteers: Vec<(Proc, String, usize)> =
         (0..4).map(|_| volunteer(&net, None)).collect();
     let job_file = write_job(net.dir.path(), JOB);
-    let out = run_ok(
-        &[
-            "submit",
-            job_file.to_str().unwrap(),
-            "--coordinator",
-            &addr,
-            "--data-dir",
-            &net.path("owner"),
-        ],
-        &net.log,
-        Duration::from_secs(300),
-    );
-    let job = submitted_job(&out);
-    let mut trained = Trained::default();
+    let job = net.submit(&addr, &job_file);
+    // Steps trained, one entry per volunteer process and lease (a lease trained again by a
+    // restarted volunteer counts twice).
+    let mut trained: Vec<u64> = Vec::new();
 
     // Churn: half the volunteers die holding leases of the same round; new ones join.
     let busy = net.wait_for(&addr, &job, "two leases of one round out", START * 3, |s| {
@@ -188,7 +165,7 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
             .position(|(_, p, _)| p == peer)
             .expect("the lease holder is one of ours");
         let (p, _, _) = volunteers.remove(at);
-        trained.add(&p.kill_collect());
+        trained.extend(steps_trained(&p.kill_collect()).into_values());
     }
     eprintln!("churn: killed {holders:?} mid-round {round:?}");
     // One more leaves as a person would, with Ctrl-C (twice: the second stops the wait for
@@ -200,7 +177,8 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
     leaving.interrupt();
     let (code, out) = leaving.finish(Duration::from_secs(60));
     assert_eq!(code, 0, "a volunteer left with Ctrl-C: {out}");
-    trained.add(&out.lines().map(str::to_owned).collect::<Vec<_>>());
+    trained
+        .extend(steps_trained(&out.lines().map(str::to_owned).collect::<Vec<_>>()).into_values());
     let after = net.status(&addr, &job);
     assert!(
         !after["active_peers"]
@@ -244,7 +222,7 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
         } else {
             let at = rng.random_range(0..volunteers.len());
             let (p, peer, n) = volunteers.remove(at);
-            trained.add(&p.kill_collect());
+            trained.extend(steps_trained(&p.kill_collect()).into_values());
             blobs_checked += verify_blobs(Path::new(&net.path(&format!("volunteer-{n}"))));
             // Back on its own data dir (same identity) or replaced by a newcomer.
             let back = rng.random_bool(0.5).then_some(n);
@@ -292,7 +270,7 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
 
     coordinator.kill();
     for (p, _, _) in volunteers {
-        trained.add(&p.kill_collect());
+        trained.extend(steps_trained(&p.kill_collect()).into_values());
     }
     // Every blob of every data dir verifies: the coordinator's, the owner's, every volunteer's.
     for entry in std::fs::read_dir(net.dir.path()).unwrap() {
@@ -302,7 +280,7 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
         }
     }
     let merged: u64 = all.iter().filter_map(|v| v["tokens"].as_u64()).sum();
-    let trained_tokens: u64 = trained.0.iter().sum::<u64>() * BATCH * SEQ_LEN;
+    let trained_tokens: u64 = trained.iter().sum::<u64>() * BATCH * SEQ_LEN;
     assert!(
         merged <= trained_tokens,
         "merged {merged} tokens, more than the {trained_tokens} trained"
@@ -311,7 +289,7 @@ fn churn_and_twenty_random_crashes_lose_nothing() {
         "{KILLS} kills ({coordinator_kills} of the coordinator), {} leases trained (by process), \
          {trained_tokens} tokens trained, {merged} merged: {:.1}% of the training made it \
          into versions; {blobs_checked} blob checks passed",
-        trained.0.len(),
+        trained.len(),
         100.0 * merged as f64 / trained_tokens as f64
     );
     assert!(

@@ -6,12 +6,10 @@
 //! and the pulled adapter reproduces the coordinator's eval loss when loaded in the trainer.
 
 use std::path::Path;
-use std::time::Duration;
 
 use serde_json::Value;
 use swarmtune_tests::{
-    COMMAND, Net, Proc, START, child_entry, run_ok, spawn, state, submitted_job, tcp_port,
-    versions, write_job,
+    COMMAND, Net, Proc, START, child_entry, run_ok, spawn, state, tcp_port, versions, write_job,
 };
 use swarmtune_trainer::data::{ShardPlan, build_shards, load_tokenizer_with_hash, read_dataset};
 use swarmtune_trainer::lora::{Adapter, DeviceLora};
@@ -76,19 +74,7 @@ fn separate_processes_survive_churn_and_a_coordinator_crash() {
     assert_eq!(code, 2);
 
     let job_file = write_job(net.dir.path(), JOB);
-    let out = run_ok(
-        &[
-            "submit",
-            job_file.to_str().unwrap(),
-            "--coordinator",
-            &addr,
-            "--data-dir",
-            &net.path("owner"),
-        ],
-        &net.log,
-        Duration::from_secs(300),
-    );
-    let job = submitted_job(&out);
+    let job = net.submit(&addr, &job_file);
 
     // Churn: kill a volunteer while it holds a lease of round 2 (fetching or training it),
     // start a new one.
