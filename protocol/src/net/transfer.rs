@@ -2,16 +2,17 @@
 //! manifests and chunks from the blob store, and fetching a blob from the providers the DHT
 //! names, in verified chunks from several of them at once.
 //!
-//! The fetch follows `proto/swarmtune/v1/blob.proto`: one provider's manifest (checked), then
-//! the missing chunks from every provider in parallel (at most `max_in_flight` requests at
-//! once), each checked against the manifest by the blob store as it is written, and synced
-//! and recorded every `commit_bytes` (so a crash loses at most that much progress, and a
-//! fast network is not held up by a sync per chunk). A provider
-//! that sends a bad chunk is reported (its score drops) and dropped from this fetch; one whose
-//! connection fails is retried a few times before it is dropped, unscored. Progress lives in
-//! the store's partial download, so a fetch cut short resumes where it stopped. At the end the
-//! whole blob is checked against its id; a manifest that lied blames its provider and the
-//! fetch starts over from another one's. Then this node provides the blob.
+//! The fetch follows `proto/swarmtune/v1/blob.proto`: one provider's manifest, checked against
+//! the id (its chunk hashes are the blob's BLAKE3 tree, so a lying manifest is caught before
+//! a byte of the blob is asked for, and its provider blamed), then the missing chunks from
+//! every provider in parallel (at most `max_in_flight` requests at once), each checked against
+//! the manifest by the blob store as it is written, and synced and recorded every
+//! `commit_bytes` (so a crash loses at most that much progress, and a fast network is not held
+//! up by a sync per chunk). A provider that sends a bad chunk is reported (its score drops)
+//! and dropped from this fetch; one whose connection fails is retried a few times before it
+//! is dropped, unscored. Progress lives in the store's partial download, so a fetch cut short
+//! resumes where it stopped. Chunks that match a checked manifest are the blob, so there is no
+//! pass over the whole at the end; then this node provides the blob.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -43,8 +44,6 @@ pub struct FetchConfig {
     pub max_failures_per_provider: usize,
     /// How often the provider list is asked again when every provider was dropped.
     pub provider_queries: usize,
-    /// How often a fetch starts over after a manifest lied.
-    pub max_manifest_restarts: usize,
     /// The largest blob this fetch accepts (a manifest over it is refused).
     pub max_blob_bytes: u64,
     /// Verified bytes written before they are synced and recorded as done; a crash loses at
@@ -59,7 +58,6 @@ impl Default for FetchConfig {
             max_in_flight_per_provider: 4,
             max_failures_per_provider: 3,
             provider_queries: 3,
-            max_manifest_restarts: 2,
             max_blob_bytes: 16 << 30,
             commit_bytes: 16 << 20,
         }
@@ -254,49 +252,29 @@ pub async fn fetch_from(
         return Ok(id);
     }
     let mut blamed: HashSet<PeerId> = HashSet::new();
-    let mut restarts = 0;
-    loop {
-        let providers = find_providers(client, id, known, &blamed).await?;
-        let (manifest, manifest_from) = get_manifest(client, id, config, &providers).await?;
-        let store_for_partial = store.clone();
-        let manifest_for_partial = manifest.clone();
-        let partial = blocking(move || store_for_partial.partial(&manifest_for_partial)).await?;
-        let partial = Arc::new(Mutex::new(Some(partial)));
-        fetch_chunks(
-            client,
-            &manifest,
-            &partial,
-            config,
-            &providers,
-            &mut blamed,
-            &progress,
-        )
-        .await?;
-        let Some(partial) = partial.lock().ok().and_then(|mut p| p.take()) else {
-            return Err(FetchError::Task("the partial download was lost".into()));
-        };
-        match blocking(move || partial.finish()).await {
-            Ok(done) => {
-                info!(%id, size = manifest.size, "blob fetched");
-                client.start_providing(done.as_bytes().to_vec()).await?;
-                return Ok(done);
-            }
-            Err(FetchError::Store(BlobError::ManifestLied { .. }))
-                if restarts < config.max_manifest_restarts =>
-            {
-                warn!(%id, peer = %manifest_from, "manifest lied; starting over from another provider");
-                client
-                    .report_misbehaviour(
-                        manifest_from,
-                        Misbehaviour::Other("lying blob manifest".into()),
-                    )
-                    .await?;
-                blamed.insert(manifest_from);
-                restarts += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let providers = find_providers(client, id, known, &blamed).await?;
+    let manifest = get_manifest(client, id, config, &providers).await?;
+    let store_for_partial = store.clone();
+    let manifest_for_partial = manifest.clone();
+    let partial = blocking(move || store_for_partial.partial(&manifest_for_partial)).await?;
+    let partial = Arc::new(Mutex::new(Some(partial)));
+    fetch_chunks(
+        client,
+        &manifest,
+        &partial,
+        config,
+        &providers,
+        &mut blamed,
+        &progress,
+    )
+    .await?;
+    let Some(partial) = partial.lock().ok().and_then(|mut p| p.take()) else {
+        return Err(FetchError::Task("the partial download was lost".into()));
+    };
+    let done = blocking(move || partial.finish()).await?;
+    info!(%id, size = manifest.size, "blob fetched");
+    client.start_providing(done.as_bytes().to_vec()).await?;
+    Ok(done)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -334,7 +312,7 @@ async fn get_manifest(
     id: ContentId,
     config: &FetchConfig,
     providers: &[PeerId],
-) -> Result<(ChunkManifest, PeerId), FetchError> {
+) -> Result<ChunkManifest, FetchError> {
     let mut last = String::from("no provider answered");
     for &peer in providers {
         let request = v1::BlobRequest {
@@ -378,7 +356,7 @@ async fn get_manifest(
                 }
             });
         match checked {
-            Ok(m) => return Ok((m, peer)),
+            Ok(m) => return Ok(m),
             Err(why) => {
                 warn!(%peer, %id, reason = %why, "manifest refused");
                 client
