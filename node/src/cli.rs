@@ -280,6 +280,9 @@ pub struct BenchNetArgs {
     /// Messages published for the latency figures.
     #[arg(long, default_value_t = 50)]
     pub gossip_messages: usize,
+    /// Runs of each transfer measurement (plain copies and fetches alike); the best counts.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
