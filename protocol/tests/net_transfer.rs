@@ -61,11 +61,22 @@ async fn node(bootstrap: Option<&Node>) -> Node {
     }
 }
 
-/// A blob server that counts the chunk requests it answers and, when `corrupt`, flips a byte
-/// of every chunk it sends. `serve_chunks_below` stops it serving chunks from that index on.
+/// What a test blob server gets wrong on purpose.
+#[derive(Clone, Copy, PartialEq)]
+enum Lie {
+    /// Nothing.
+    No,
+    /// A byte of every chunk it sends is flipped.
+    Chunks,
+    /// Its manifests list another hash for chunk 0 (the chunks themselves are true).
+    Manifest,
+}
+
+/// A blob server that counts the chunk requests it answers and lies as `lie` says.
+/// `serve_chunks_below` stops it serving chunks from that index on.
 fn counting_server(
     node: &Node,
-    corrupt: bool,
+    lie: Lie,
     serve_chunks_below: u32,
 ) -> impl Future<Output = Arc<AtomicUsize>> + use<> {
     let (client, store) = (node.client.clone(), node.store.clone());
@@ -87,11 +98,19 @@ fn counting_server(
                 } else {
                     transfer::answer(&store, &request)
                 };
-                if let Some(v1::blob_response::Body::Chunk(chunk)) = &mut response.body {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    if corrupt {
-                        chunk.data[0] ^= 0xff;
+                match &mut response.body {
+                    Some(v1::blob_response::Body::Chunk(chunk)) => {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        if lie == Lie::Chunks {
+                            chunk.data[0] ^= 0xff;
+                        }
                     }
+                    Some(v1::blob_response::Body::BlobManifest(manifest))
+                        if lie == Lie::Manifest =>
+                    {
+                        manifest.chunk_hashes[0] ^= 0xff;
+                    }
+                    _ => {}
                 }
                 let _ = client.respond(inbound.responder, response).await;
             }
@@ -194,7 +213,7 @@ async fn a_64_mib_blob_spreads_to_three_nodes_then_a_fourth_fetches_from_all() {
     // Each of them now serves it too, counted.
     let mut counters = Vec::new();
     for f in &fetchers {
-        counters.push(counting_server(f, false, u32::MAX).await);
+        counters.push(counting_server(f, Lie::No, u32::MAX).await);
     }
     let fourth = node(Some(&a)).await;
     let [f1, f2, f3] = &fetchers;
@@ -215,8 +234,8 @@ async fn a_provider_serving_corrupt_chunks_is_dropped_and_the_fetch_succeeds() {
     let data = blob((6 << 20) + 12_345, 2);
     let id = honest.store.put_bytes(&data).unwrap();
     assert_eq!(liar.store.put_bytes(&data).unwrap(), id);
-    let honest_served = counting_server(&honest, false, u32::MAX).await;
-    let liar_served = counting_server(&liar, true, u32::MAX).await;
+    let honest_served = counting_server(&honest, Lie::No, u32::MAX).await;
+    let liar_served = counting_server(&liar, Lie::Chunks, u32::MAX).await;
     let fetcher = node(Some(&honest)).await;
     announce_until_found(&fetcher, id, &[&honest, &liar]).await;
     assert_eq!(fetch(&fetcher, id, None).await.unwrap(), id);
@@ -236,12 +255,71 @@ async fn a_provider_serving_corrupt_chunks_is_dropped_and_the_fetch_succeeds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_with_a_lying_manifest_is_refused_before_any_chunk_and_never_asked_again() {
+    let honest = node(None).await;
+    // Providers are asked for a manifest in PeerId order: the liar comes first.
+    let liar = loop {
+        let candidate = node(Some(&honest)).await;
+        if candidate.peer() < honest.peer() {
+            break candidate;
+        }
+    };
+    let data = blob((3 << 20) + 77, 4);
+    let id = honest.store.put_bytes(&data).unwrap();
+    assert_eq!(liar.store.put_bytes(&data).unwrap(), id);
+    let honest_served = counting_server(&honest, Lie::No, u32::MAX).await;
+    let liar_served = counting_server(&liar, Lie::Manifest, u32::MAX).await;
+    let fetcher = node(Some(&honest)).await;
+    announce_until_found(&fetcher, id, &[&honest, &liar]).await;
+
+    // Asked alone, the liar's manifest does not make the id: refused, nothing fetched.
+    let only_liar = within(
+        "fetch from the liar",
+        transfer::fetch_from(
+            &fetcher.client,
+            &fetcher.store,
+            id,
+            &FetchConfig::default(),
+            &[liar.peer()],
+            None,
+        ),
+    )
+    .await;
+    assert!(
+        matches!(only_liar, Err(transfer::FetchError::NoManifest { .. })),
+        "{only_liar:?}"
+    );
+    assert_eq!(liar_served.load(Ordering::SeqCst), 0);
+    let standing = fetcher.client.peer_info(liar.peer()).await.unwrap();
+    assert!(standing.score < 0.0, "{standing:?}");
+
+    // With both named, the liar is asked first and refused again; the fetch takes the honest
+    // manifest and every chunk from the honest provider.
+    let both = within(
+        "fetch from both",
+        transfer::fetch_from(
+            &fetcher.client,
+            &fetcher.store,
+            id,
+            &FetchConfig::default(),
+            &[liar.peer(), honest.peer()],
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(both.unwrap(), id);
+    assert_eq!(fetcher.store.read(&id).unwrap(), data);
+    assert_eq!(liar_served.load(Ordering::SeqCst), 0);
+    assert_eq!(honest_served.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_cut_short_resumes_from_what_it_had() {
     let first = node(None).await;
     let data = blob(5 << 20, 3);
     let id = first.store.put_bytes(&data).unwrap();
     // The first provider serves chunks 0..3 only, then is gone.
-    let first_served = counting_server(&first, false, 3).await;
+    let first_served = counting_server(&first, Lie::No, 3).await;
     first
         .client
         .start_providing(id.as_bytes().to_vec())
@@ -258,7 +336,7 @@ async fn a_fetch_cut_short_resumes_from_what_it_had() {
     // A second provider appears; only the two missing chunks are fetched from it.
     let second = node(Some(&fetcher)).await;
     assert_eq!(second.store.put_bytes(&data).unwrap(), id);
-    let second_served = counting_server(&second, false, u32::MAX).await;
+    let second_served = counting_server(&second, Lie::No, u32::MAX).await;
     announce_until_found(&fetcher, id, &[&second]).await;
     assert_eq!(fetch(&fetcher, id, None).await.unwrap(), id);
     assert_eq!(fetcher.store.read(&id).unwrap(), data);

@@ -253,7 +253,12 @@ pub async fn fetch_from(
     }
     let mut blamed: HashSet<PeerId> = HashSet::new();
     let providers = find_providers(client, id, known, &blamed).await?;
-    let manifest = get_manifest(client, id, config, &providers).await?;
+    let manifest = get_manifest(client, id, config, &providers, &mut blamed).await?;
+    // A provider whose manifest was refused is not asked for chunks either.
+    let providers: Vec<PeerId> = providers
+        .into_iter()
+        .filter(|p| !blamed.contains(p))
+        .collect();
     let store_for_partial = store.clone();
     let manifest_for_partial = manifest.clone();
     let partial = blocking(move || store_for_partial.partial(&manifest_for_partial)).await?;
@@ -312,6 +317,7 @@ async fn get_manifest(
     id: ContentId,
     config: &FetchConfig,
     providers: &[PeerId],
+    blamed: &mut HashSet<PeerId>,
 ) -> Result<ChunkManifest, FetchError> {
     let mut last = String::from("no provider answered");
     for &peer in providers {
@@ -341,6 +347,7 @@ async fn get_manifest(
                 client
                     .report_misbehaviour(peer, Misbehaviour::Malformed)
                     .await?;
+                blamed.insert(peer);
                 continue;
             }
         };
@@ -365,6 +372,7 @@ async fn get_manifest(
                         Misbehaviour::Other(format!("bad blob manifest: {why}")),
                     )
                     .await?;
+                blamed.insert(peer);
                 last = format!("{peer}: {why}");
             }
         }
