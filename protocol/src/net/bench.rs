@@ -112,11 +112,11 @@ pub async fn run(
     let mut plain_memory_runs = Vec::new();
     let mut plain_growing_runs = Vec::new();
     for _ in 0..repeats {
-        plain_growing_runs.push(plain_tcp_growing(&data).await?);
+        plain_growing_runs.push(plain_tcp_memory(&data, false).await?);
         let copy = work.path().join("copy");
         plain = plain.max(plain_tcp_copy(&source, &copy).await?);
         std::fs::remove_file(&copy)?;
-        plain_memory_runs.push(plain_tcp_memory(&data).await?);
+        plain_memory_runs.push(plain_tcp_memory(&data, true).await?);
     }
     let plain_memory = plain_memory_runs.iter().copied().fold(0f64, f64::max);
 
@@ -292,34 +292,25 @@ async fn plain_tcp_copy(
     Ok(total as f64 / clock.elapsed().as_secs_f64())
 }
 
-/// Sends `data` over one TCP connection on 127.0.0.1 and reads it into memory: a buffer of
-/// the right size, allocated and written before the clock starts, so what is timed is the
-/// socket alone.
-async fn plain_tcp_memory(data: &[u8]) -> Result<f64, BenchError> {
+/// Sends `data` over one TCP connection on 127.0.0.1 and reads it into memory. With
+/// `ready_buffer`, into a buffer of the right size, allocated and written before the clock
+/// starts, so what is timed is the socket alone; without, into a `Vec` that `read_to_end`
+/// grows as the bytes arrive.
+async fn plain_tcp_memory(data: &[u8], ready_buffer: bool) -> Result<f64, BenchError> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let mut received = vec![1u8; data.len()];
+    let mut received = if ready_buffer {
+        vec![1u8; data.len()]
+    } else {
+        Vec::new()
+    };
     let receiver = tokio::spawn(async move {
         let (mut socket, _) = listener.accept().await?;
-        socket.read_exact(&mut received).await?;
-        Ok::<usize, BenchError>(received.len())
-    });
-    let clock = Instant::now();
-    let mut socket = tokio::net::TcpStream::connect(addr).await?;
-    socket.write_all(data).await?;
-    socket.shutdown().await?;
-    let total = receiver.await??;
-    Ok(total as f64 / clock.elapsed().as_secs_f64())
-}
-
-/// [`plain_tcp_memory`] into a `Vec` grown by `read_to_end` as the bytes arrive.
-async fn plain_tcp_growing(data: &[u8]) -> Result<f64, BenchError> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let receiver = tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await?;
-        let mut received = Vec::new();
-        socket.read_to_end(&mut received).await?;
+        if ready_buffer {
+            socket.read_exact(&mut received).await?;
+        } else {
+            socket.read_to_end(&mut received).await?;
+        }
         Ok::<usize, BenchError>(received.len())
     });
     let clock = Instant::now();
