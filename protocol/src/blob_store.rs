@@ -2036,9 +2036,12 @@ mod tests {
             &data[r.start as usize..r.end as usize]
         };
         let mut partial = store.partial(&manifest).unwrap();
+        let direct_allowed = DirectWriter::open(&partial.part_path).is_some();
         for i in [4, 1, 3] {
             partial.write_chunk(i, chunk(i)).unwrap();
         }
+        // Where this file system takes O_DIRECT, no write was refused and fell back.
+        assert_eq!(partial.direct.is_some(), direct_allowed);
         drop(partial);
         let mut partial = store.partial(&manifest).unwrap();
         assert_eq!(partial.missing_chunks(), vec![0, 2]);
