@@ -9,7 +9,7 @@
 //!   on `/swarmtune/delta/1`. A delivered delta's blob is fetched from its volunteer, checked,
 //!   maybe challenged (a `SegmentChallenge` request to the volunteer, whose states are fetched
 //!   in turn) and judged; the verdict is sent to the volunteer as a request of its own.
-//! - Anyone asks `/swarmtune/status/1`; blobs are served on `/swarmtune/blob/1`.
+//! - Anyone asks `/swarmtune/status/1`; blobs are served on `/swarmtune/blob/2`.
 //! - A tick expires leases, closes rounds at quorum or deadline, then provides the new
 //!   adapters and gossips the new manifests on `swarmtune/modules/1`.
 //!

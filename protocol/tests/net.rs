@@ -175,7 +175,7 @@ async fn identify_and_ping_work_over_tcp() {
         "/swarmtune/kad/1.0.0",
         "/meshsub/1.1.0",
         "/swarmtune/job/1",
-        "/swarmtune/blob/1",
+        "/swarmtune/blob/2",
     ] {
         assert!(
             info.protocols.iter().any(|p| p == protocol),

@@ -56,7 +56,7 @@ pub struct Behaviour {
     pub delta: Rpc<v1::DeltaRequest, v1::DeltaResponse>,
     /// `/swarmtune/status/1`.
     pub status: Rpc<v1::StatusRequest, v1::StatusResponse>,
-    /// `/swarmtune/blob/1`.
+    /// `/swarmtune/blob/2`.
     pub blob: Rpc<v1::BlobRequest, v1::BlobResponse>,
     /// Peers on the same LAN; off in tests (it multicasts beyond loopback).
     pub mdns: Toggle<mdns::tokio::Behaviour>,

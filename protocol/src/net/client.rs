@@ -487,7 +487,7 @@ impl Client {
         self.call(|reply| Command::RoutingTable { reply }).await
     }
 
-    /// From now on, inbound `/swarmtune/blob/1` requests go to the returned receiver instead
+    /// From now on, inbound `/swarmtune/blob/2` requests go to the returned receiver instead
     /// of the event stream (for the blob server); `capacity` bounds it, and requests that
     /// find it full are answered ERROR_CODE_UNAVAILABLE.
     pub async fn take_blob_requests(

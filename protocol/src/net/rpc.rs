@@ -23,7 +23,7 @@ pub enum Protocol {
     Delta,
     /// `/swarmtune/status/1`: versions, history, jobs.
     Status,
-    /// `/swarmtune/blob/1`: blob manifests and chunks.
+    /// `/swarmtune/blob/2`: blob manifests and chunks.
     Blob,
 }
 
@@ -44,7 +44,7 @@ impl Protocol {
             Protocol::Lease => "/swarmtune/lease/1",
             Protocol::Delta => "/swarmtune/delta/1",
             Protocol::Status => "/swarmtune/status/1",
-            Protocol::Blob => "/swarmtune/blob/1",
+            Protocol::Blob => "/swarmtune/blob/2",
         }
     }
 
@@ -82,7 +82,7 @@ pub enum Request {
     Delta(v1::DeltaRequest),
     /// On `/swarmtune/status/1`.
     Status(v1::StatusRequest),
-    /// On `/swarmtune/blob/1`.
+    /// On `/swarmtune/blob/2`.
     Blob(v1::BlobRequest),
 }
 
@@ -97,7 +97,7 @@ pub enum Response {
     Delta(v1::DeltaResponse),
     /// On `/swarmtune/status/1`.
     Status(v1::StatusResponse),
-    /// On `/swarmtune/blob/1`.
+    /// On `/swarmtune/blob/2`.
     Blob(v1::BlobResponse),
 }
 
@@ -217,7 +217,7 @@ mod tests {
                 ("/swarmtune/lease/1", 65_536),
                 ("/swarmtune/delta/1", 1_048_576),
                 ("/swarmtune/status/1", 1_048_576),
-                ("/swarmtune/blob/1", 1_114_112),
+                ("/swarmtune/blob/2", 1_114_112),
             ]
         );
     }

@@ -1,4 +1,4 @@
-//! Blob transfer over `/swarmtune/blob/1` (issue 5, point 5, the network half): serving
+//! Blob transfer over `/swarmtune/blob/2` (issue 5, point 5, the network half): serving
 //! manifests and chunks from the blob store, and fetching a blob from the providers the DHT
 //! names, in verified chunks from several of them at once.
 //!
@@ -100,7 +100,7 @@ pub enum FetchError {
     Task(String),
 }
 
-/// Serves `/swarmtune/blob/1` from `store`: takes the blob requests off the event stream and
+/// Serves `/swarmtune/blob/2` from `store`: takes the blob requests off the event stream and
 /// answers each from a blocking task, at most `concurrency` at once.
 pub async fn spawn_server(
     client: &Client,
