@@ -12,7 +12,9 @@ use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol as AddrPart;
 use libp2p::{Multiaddr, PeerId};
 use swarmtune_protocol::net::transfer::{self, FetchConfig, Progress};
-use swarmtune_protocol::net::{Client, NetConfig, NetEvent, Request, spawn_memory};
+use swarmtune_protocol::net::{
+    Client, LimitsConfig, NetConfig, NetEvent, RateLimit, Request, spawn_memory,
+};
 use swarmtune_protocol::{BlobStore, ContentId, v1};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -41,8 +43,13 @@ impl Node {
 }
 
 async fn node(bootstrap: Option<&Node>) -> Node {
+    node_with(bootstrap, NetConfig::for_tests().limits).await
+}
+
+async fn node_with(bootstrap: Option<&Node>, limits: LimitsConfig) -> Node {
     let config = NetConfig {
         bootstrap: bootstrap.map(|b| vec![b.addr.clone()]).unwrap_or_default(),
+        limits,
         ..NetConfig::for_tests()
     };
     let (client, events) = spawn_memory(Keypair::generate_ed25519(), config).unwrap();
@@ -311,6 +318,30 @@ async fn a_provider_with_a_lying_manifest_is_refused_before_any_chunk_and_never_
     assert_eq!(fetcher.store.read(&id).unwrap(), data);
     assert_eq!(liar_served.load(Ordering::SeqCst), 0);
     assert_eq!(honest_served.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_rate_limits_the_fetch_is_waited_for_not_dropped() {
+    // A provider far stricter than the default: 20 chunk requests a second, 3 at once.
+    let strict = LimitsConfig {
+        blob_request_rate: RateLimit {
+            per_second: 20.0,
+            burst: 3,
+        },
+        ..NetConfig::for_tests().limits
+    };
+    let provider = node_with(None, strict).await;
+    let data = blob((12 << 20) + 5, 5);
+    let id = provider.store.put_bytes(&data).unwrap();
+    let served = counting_server(&provider, Lie::No, u32::MAX).await;
+    let fetcher = node(Some(&provider)).await;
+    announce_until_found(&fetcher, id, &[&provider]).await;
+    // 13 chunks at 20 a second: the default pace (180 a second) runs into the limit, the
+    // provider answers ERROR_CODE_RATE_LIMITED with a retry_after_ms, and the fetch waits
+    // that long instead of counting failures and giving the only provider up.
+    assert_eq!(fetch(&fetcher, id, None).await.unwrap(), id);
+    assert_eq!(fetcher.store.read(&id).unwrap(), data);
+    assert_eq!(served.load(Ordering::SeqCst), 13);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

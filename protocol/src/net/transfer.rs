@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use super::client::{Client, InboundRequest, NetError, RequestError};
 use super::codec::{PROTOCOL_VERSION, ResponseMessage, error_reply};
-use super::limits::Misbehaviour;
+use super::limits::{LimitsConfig, Misbehaviour, RateLimit, TokenBucket};
 use super::rpc::Request;
 use crate::blob_store::{BlobError, BlobStore, CHUNK_SIZE, ChunkManifest, PartialBlob};
 use crate::content::ContentId;
@@ -49,6 +49,12 @@ pub struct FetchConfig {
     /// Verified bytes written before they are synced and recorded as done; a crash loses at
     /// most this much progress. A fetch that stops, done or not, syncs what it wrote.
     pub commit_bytes: u64,
+    /// The pace of chunk requests to one provider. A provider limits each peer's blob
+    /// requests (`LimitsConfig::blob_request_rate`) and scores down a peer that goes over, so
+    /// by default a fetch keeps under the default limit: 90% of its rate, 15/16 of its burst. A
+    /// provider that answers `ERROR_CODE_RATE_LIMITED` all the same (a stricter one, or
+    /// several fetches from it at once) is waited for, as long as it says, not dropped.
+    pub provider_rate: RateLimit,
 }
 
 impl Default for FetchConfig {
@@ -60,6 +66,15 @@ impl Default for FetchConfig {
             provider_queries: 3,
             max_blob_bytes: 16 << 30,
             commit_bytes: 16 << 20,
+            provider_rate: {
+                let limit = LimitsConfig::default().blob_request_rate;
+                RateLimit {
+                    per_second: limit.per_second * 0.9,
+                    // Room left for the manifest request and a request or two of another
+                    // fetch from the same provider.
+                    burst: (limit.burst * 15 / 16).max(1),
+                }
+            },
         }
     }
 }
@@ -380,11 +395,46 @@ async fn get_manifest(
     Err(FetchError::NoManifest { id, last })
 }
 
+/// The longest a fetch waits on one provider's `retry_after_ms`.
+const MAX_PROVIDER_PAUSE: Duration = Duration::from_secs(5);
+
 /// One provider's standing during a fetch.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ProviderState {
     in_flight: usize,
     failures: usize,
+    /// Paces the requests to it (`FetchConfig::provider_rate`).
+    bucket: TokenBucket,
+    /// It asked to be left alone until then.
+    paused_until: Option<Instant>,
+}
+
+impl ProviderState {
+    fn new(config: &FetchConfig) -> Self {
+        Self {
+            in_flight: 0,
+            failures: 0,
+            bucket: TokenBucket::full(config.provider_rate, Instant::now()),
+            paused_until: None,
+        }
+    }
+
+    /// Whether a request may go to it now; if not, when it may (`None`: when one of its
+    /// requests in flight returns).
+    fn ready(&mut self, config: &FetchConfig, now: Instant) -> Result<(), Option<Instant>> {
+        if self.in_flight >= config.max_in_flight_per_provider {
+            return Err(None);
+        }
+        if let Some(until) = self.paused_until {
+            if until > now {
+                return Err(Some(until));
+            }
+            self.paused_until = None;
+        }
+        self.bucket
+            .try_take(config.provider_rate, now)
+            .map_err(|wait| Some(now + wait.min(MAX_PROVIDER_PAUSE)))
+    }
 }
 
 type ChunkResult = (PeerId, u32, Result<v1::BlobResponse, RequestError>);
@@ -450,7 +500,7 @@ async fn request_chunks(
 
     let mut providers: HashMap<PeerId, ProviderState> = initial
         .iter()
-        .map(|p| (*p, ProviderState::default()))
+        .map(|p| (*p, ProviderState::new(config)))
         .collect();
     let mut queries_left = config.provider_queries;
     let mut in_flight = FuturesUnordered::new();
@@ -462,17 +512,23 @@ async fn request_chunks(
     let capacity = config.max_in_flight.max(1);
 
     while !queue.is_empty() || !in_flight.is_empty() || writing > 0 {
-        // Hand out chunks round-robin to providers with room, up to the overall bound.
+        // Hand out chunks round-robin to providers with room and pace, up to the overall bound.
         let mut order: Vec<PeerId> = providers.keys().copied().collect();
         order.sort();
+        // The soonest a provider that has neither room nor pace now will have them.
+        let mut wake: Option<Instant> = None;
         while in_flight.len() + writing < capacity && !queue.is_empty() && !order.is_empty() {
             let mut assigned = false;
+            let now = Instant::now();
             for k in 0..order.len() {
                 let peer = order[(next + k) % order.len()];
                 let Some(state) = providers.get_mut(&peer) else {
                     continue;
                 };
-                if state.in_flight >= config.max_in_flight_per_provider {
+                if let Err(later) = state.ready(config, now) {
+                    if let Some(at) = later {
+                        wake = Some(wake.map_or(at, |w| w.min(at)));
+                    }
                     continue;
                 }
                 let Some(index) = queue.pop_front() else {
@@ -488,6 +544,13 @@ async fn request_chunks(
                 break;
             }
         }
+        if in_flight.is_empty() && writing == 0 && !queue.is_empty() {
+            if let Some(at) = wake {
+                // Every provider is pacing or paused: wait for the first to be ready.
+                tokio::time::sleep_until(at.into()).await;
+                continue;
+            }
+        }
         if in_flight.is_empty() && writing == 0 {
             // Chunks left and nobody to ask: look the providers up again.
             if queries_left == 0 {
@@ -496,7 +559,9 @@ async fn request_chunks(
             queries_left -= 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
             for peer in find_providers(client, id, &[], blamed).await? {
-                providers.entry(peer).or_default();
+                providers
+                    .entry(peer)
+                    .or_insert_with(|| ProviderState::new(config));
             }
             continue;
         }
@@ -526,6 +591,9 @@ async fn request_chunks(
                 continue;
             }
             Some(response) = in_flight.next(), if !in_flight.is_empty() => response,
+            // A paced provider may take another request now.
+            () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()),
+                if wake.is_some() && !queue.is_empty() => continue,
         };
         if let Some(state) = providers.get_mut(&peer) {
             state.in_flight = state.in_flight.saturating_sub(1);
@@ -542,6 +610,18 @@ async fn request_chunks(
                     if to_writer.send((peer, index, chunk.data)).await.is_err() {
                         return Err(FetchError::Task("the chunk writer stopped".into()));
                     }
+                }
+                Some(v1::blob_response::Body::Error(e))
+                    if e.code == v1::ErrorCode::RateLimited as i32 =>
+                {
+                    // Not a failure: it is busy, and says for how long.
+                    let pause =
+                        Duration::from_millis(e.retry_after_ms.max(1)).min(MAX_PROVIDER_PAUSE);
+                    debug!(%peer, %id, index, ?pause, "provider asks the fetch to slow down");
+                    if let Some(state) = providers.get_mut(&peer) {
+                        state.paused_until = Some(Instant::now() + pause);
+                    }
+                    queue.push_front(index);
                 }
                 Some(v1::blob_response::Body::Error(e)) => {
                     debug!(%peer, %id, index, code = e.code, message = %e.message, "chunk refused");
