@@ -544,12 +544,14 @@ async fn request_chunks(
                 break;
             }
         }
-        if in_flight.is_empty() && writing == 0 && !queue.is_empty() {
-            if let Some(at) = wake {
-                // Every provider is pacing or paused: wait for the first to be ready.
-                tokio::time::sleep_until(at.into()).await;
-                continue;
-            }
+        if in_flight.is_empty()
+            && writing == 0
+            && !queue.is_empty()
+            && let Some(at) = wake
+        {
+            // Every provider is pacing or paused: wait for the first to be ready.
+            tokio::time::sleep_until(at.into()).await;
+            continue;
         }
         if in_flight.is_empty() && writing == 0 {
             // Chunks left and nobody to ask: look the providers up again.
