@@ -1,7 +1,9 @@
 //! Blob transfer between real swarms on the memory transport: a blob provided by one node is
 //! fetched by others through the DHT, then from several providers at once; a provider that
-//! serves corrupt chunks is caught and dropped while the fetch succeeds; a fetch cut short
-//! resumes from what it had. Every wait is bounded.
+//! serves corrupt chunks is caught and dropped while the fetch succeeds; one whose manifest
+//! does not make the id is refused before any chunk is asked of it; one that rate-limits the
+//! fetch is waited for, not dropped; a fetch cut short resumes from what it had. Every wait is
+//! bounded.
 
 use std::future::Future;
 use std::sync::Arc;
