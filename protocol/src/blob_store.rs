@@ -1358,7 +1358,7 @@ fn chunk_range(size: u64, index: u32) -> Option<Range<u64>> {
 /// subtree of the blob's BLAKE3 tree); for a blob of one chunk, the blob's BLAKE3 itself.
 /// Checking a chunk this way costs what hashing it costs, and [`tree_root`] joins the chunk
 /// hashes into the blob's id.
-pub fn chunk_hash(index: u32, count: u64, data: &[u8]) -> [u8; 32] {
+fn chunk_hash(index: u32, count: u64, data: &[u8]) -> [u8; 32] {
     if count == 1 {
         return *blake3::hash(data).as_bytes();
     }
@@ -1372,7 +1372,7 @@ pub fn chunk_hash(index: u32, count: u64, data: &[u8]) -> [u8; 32] {
 /// makes them): the root of the tree over them, which is the blob's id when the hashes are
 /// true. `hashes` must hold `ceil(size / CHUNK_SIZE)` entries (`ChunkManifest::validate`
 /// checks the count first).
-pub fn tree_root(hashes: &[[u8; 32]], size: u64) -> [u8; 32] {
+fn tree_root(hashes: &[[u8; 32]], size: u64) -> [u8; 32] {
     match hashes {
         [] => *blake3::hash(&[]).as_bytes(),
         [only] => *only,
